@@ -1,0 +1,24 @@
+"""Model-family adapters (see :mod:`.base`)."""
+
+from __future__ import annotations
+
+from .base import Family
+from .flux import FLUX
+from .hunyuan import HUNYUAN
+from .sd3 import SD3
+from .unet import UNET, level_grid
+from .wan import WAN
+
+__all__ = ["FAMILIES", "Family", "family_of", "level_grid"]
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX, SD3, WAN, HUNYUAN, UNET)}
+
+
+def family_of(model) -> Family:
+    """The adapter for a denoiser model, or a ValueError naming the supported model classes."""
+    name = type(model).__name__
+    for fam in FAMILIES.values():
+        if name in fam.model_classes:
+            return fam
+    supported = ", ".join(c for f in FAMILIES.values() for c in f.model_classes)
+    raise ValueError(f"unsupported model {name}; supported denoisers: {supported}")

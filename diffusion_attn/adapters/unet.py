@@ -1,0 +1,75 @@
+"""UNet2DConditionModel (SD 1.5 / 2.1 / SDXL): self-attention ``attn1`` of the transformer blocks.
+
+Processors see ``(B, H*W, C)`` with no H/W; the context hook records the latent size and each level
+derives its grid as HiDiffusion does: ``r = round(sqrt(latent_H * latent_W / N))``,
+``grid = (ceil(latent_H / r), ceil(latent_W / r))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import TokenLayout
+from .base import Family, first_tensor
+
+
+def _read_call(model, args, kwargs):
+    sample = first_tensor(args, kwargs, "sample", 0)
+    size = tuple(int(s) for s in sample.shape[-2:])
+    return dict(grid=size, latent_size=size, text_len=0, batch_size=sample.shape[0],
+                timestep=first_tensor(args, kwargs, "timestep", 1))
+
+
+def _layers(model):
+    names = [n for n in model.attn_processors if n.endswith("attn1.processor")]
+    return [(n, i) for i, n in enumerate(names)]
+
+
+def level_grid(latent_size: tuple[int, int], tokens: int) -> tuple[int, int]:
+    """Grid of a UNet level with ``tokens`` tokens, given the latent size (HiDiffusion's rule)."""
+    h, w = latent_size
+    r = max(1, round(math.sqrt(h * w / tokens)))
+    grid = (math.ceil(h / r), math.ceil(w / r))
+    if grid[0] * grid[1] != tokens:
+        raise ValueError(f"cannot infer the feature grid of {tokens} tokens from latent size {latent_size}")
+    return grid
+
+
+def _run(proc, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None, temb=None):
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if encoder_hidden_states is not None:
+        raise ValueError("pattern processors replace UNet self-attention (attn1) only, not cross-attention")
+    b, n, _ = hidden_states.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, n, b).view(b, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = k.shape[-1] // attn.heads
+    q, k, v = (t.view(b, -1, attn.heads, head_dim) for t in (q, k, v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    grid = level_grid(proc.context.latent_size, n) if input_ndim == 3 else (h, w)
+    out = proc.core(q, k, v, TokenLayout(grid, 0), attention_mask)
+    out = out.reshape(b, -1, attn.heads * head_dim).to(q.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+UNET = Family("unet", ("UNet2DConditionModel",), _read_call, _layers, _run,
+              "UNet2DConditionModel: SD 1.5 / 2.1, SDXL, SDXL-Turbo")

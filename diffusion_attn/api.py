@@ -1,0 +1,184 @@
+"""The public verbs: apply / remove / applied / attach, and the mask view."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from .adapters import FAMILIES, family_of
+from .context import RunContext, attach_context, detach_context, find_context
+from .kernels import full_mask
+from .layout import TokenLayout
+from .processors.base import PatternProcessor
+from .registry import get_method
+
+__all__ = ["Handle", "apply", "remove", "applied", "attach", "attention_mask", "denoisers"]
+
+_HANDLE_ATTR = "_diffusion_attn_handle"
+
+
+class Handle:
+    """What ``apply`` installed; ``remove()`` undoes it exactly (also usable as a context manager)."""
+
+    def __init__(self, method: str, params: dict, context: RunContext, models: list, undo: list):
+        self.method, self.params, self.context = method, params, context
+        self.models = models
+        self._undo = undo
+
+    @property
+    def active(self) -> bool:
+        return self._undo is not None
+
+    def remove(self) -> None:
+        if self._undo is None:
+            return
+        undo, self._undo = self._undo, None
+        _run_undo(undo)
+        for m in self.models:
+            if getattr(m, _HANDLE_ATTR, None) is self:
+                delattr(m, _HANDLE_ATTR)
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"Handle({self.method!r}, {self.params}, {state})"
+
+
+def _run_undo(undo: list) -> None:
+    errors = []
+    for fn in reversed(undo):
+        try:
+            fn()
+        except Exception as e:  # keep undoing the rest, then report
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+def denoisers(pipe_or_model) -> list[torch.nn.Module]:
+    """The denoiser(s) of a pipeline (``transformer``, ``transformer_2``, ``unet``), or the model itself."""
+    if isinstance(pipe_or_model, torch.nn.Module):
+        return [pipe_or_model]
+    found = [getattr(pipe_or_model, a, None) for a in ("transformer", "transformer_2", "unet")]
+    found = [m for m in found if isinstance(m, torch.nn.Module)]
+    if not found:
+        raise ValueError(f"{type(pipe_or_model).__name__} has no denoiser (transformer, transformer_2 or unet) to patch")
+    return found
+
+
+def _variant(pipe_or_model, family: str) -> str:
+    if family == "wan" and getattr(pipe_or_model, "transformer_2", None) is not None:
+        return "wan2.2"
+    return family
+
+
+def apply(pipe_or_model, method: str, **params) -> Handle:
+    """Install ``method`` on a pipeline (all its denoisers) or on a denoiser model.
+
+    Validates everything before touching the model; on any error the model is left exactly as it was.
+    Returns a :class:`Handle`; ``handle.remove()`` or ``diffusion_attn.remove(pipe)`` restores the
+    original processors and modules bit-exactly.
+    """
+    spec = get_method(method)
+    models = denoisers(pipe_or_model)
+    families = [family_of(m) for m in models]
+    for fam in families:
+        if fam.name not in spec.families:
+            raise ValueError(
+                f"method {spec.name!r} does not support {fam.name} models ({fam.description}); "
+                f"supported families: {', '.join(spec.families)}"
+            )
+    for m in models:
+        if getattr(m, _HANDLE_ATTR, None) is not None or find_context(m) is not None:
+            active = getattr(m, _HANDLE_ATTR, None)
+            what = f"{active.method!r}" if active is not None else "a diffusion_attn method"
+            raise ValueError(f"{what} is already applied to this {type(m).__name__}; call remove() first")
+    resolved = spec.resolve(params, _variant(pipe_or_model, families[0].name))
+    context = RunContext(families[0].name, scheduler=getattr(pipe_or_model, "scheduler", None))
+    undo: list = []
+    try:
+        for m, fam in zip(models, families):
+            attach_context(m, context, fam.read_call)
+            undo.append(lambda m=m: detach_context(m))
+            undo.extend(spec.install(m, fam, context, resolved))
+    except BaseException:
+        _run_undo(undo)
+        raise
+    handle = Handle(spec.name, resolved, context, models, undo)
+    for m in models:
+        setattr(m, _HANDLE_ATTR, handle)
+    return handle
+
+
+def remove(pipe_or_model) -> bool:
+    """Remove whatever diffusion_attn installed on this pipeline or model. Returns whether anything was."""
+    handles = {id(h): h for h in (getattr(m, _HANDLE_ATTR, None) for m in denoisers(pipe_or_model)) if h is not None}
+    for h in handles.values():
+        h.remove()
+    return bool(handles)
+
+
+@contextlib.contextmanager
+def applied(pipe_or_model, method: str, **params):
+    """``with applied(pipe, "radial"): pipe(...)`` -- apply for the block, remove after it."""
+    handle = apply(pipe_or_model, method, **params)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def attach(model: torch.nn.Module) -> Handle:
+    """Wire processors a user installed with ``model.set_attn_processor(...)`` to a run context.
+
+    A processor instance shared by several layers is copied per layer (placement needs the layer index).
+    """
+    family = family_of(model)
+    if find_context(model) is not None:
+        raise ValueError(f"a run context is already attached to this {type(model).__name__}")
+    original = dict(model.attn_processors)
+    index = {name: i for name, i in family.layers(model)}
+    context = RunContext(family.name)
+    new, seen, found = dict(original), set(), []
+    for name, proc in original.items():
+        if not isinstance(proc, PatternProcessor):
+            continue
+        if name not in index:
+            raise ValueError(f"{type(proc).__name__} cannot run on {name}: it replaces {family.name} layers "
+                             f"{', '.join(list(index)[:3])}, ...")
+        if id(proc) in seen:
+            proc = copy.copy(proc)
+        seen.add(id(proc))
+        new[name] = proc.bind(context, family, index[name])
+        found.append(proc.method)
+    if not found:
+        raise ValueError("no diffusion_attn processor is installed on this model; nothing to attach")
+    model.set_attn_processor(new)
+    attach_context(model, context, family.read_call)
+    undo = [lambda: model.set_attn_processor(original), lambda: detach_context(model)]
+    handle = Handle(found[0], {}, context, [model], undo)
+    setattr(model, _HANDLE_ATTR, handle)
+    return handle
+
+
+def attention_mask(method: str, layout: TokenLayout, *, family: str | None = None, **params) -> torch.Tensor:
+    """The dense boolean mask ``(queries, keys)`` that ``method`` applies on ``layout``.
+
+    For inspection and plotting (and the tests' oracle): it is S x S, so keep layouts small. ``family``
+    picks per-model defaults (e.g. radial's Wan sink); default: the method's first family.
+    """
+    spec = get_method(method)
+    if spec.grid_pattern is None:
+        raise ValueError(f"method {spec.name!r} has no attention pattern to show")
+    if family is not None and family not in spec.family_defaults and family not in FAMILIES and family not in spec.families:
+        raise ValueError(f"unknown family {family!r}; {spec.name} supports {', '.join(spec.families)}")
+    resolved = spec.resolve(params, family or spec.families[0])
+    pattern = spec.grid_pattern(layout, **resolved)
+    return full_mask(pattern.dense_mask(), layout)

@@ -1,0 +1,37 @@
+"""The oracle: dense SDPA with the pattern's full boolean mask. Small sizes only (builds S x S)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import TokenLayout
+
+__all__ = ["full_mask", "masked_attention", "sdpa"]
+
+
+def sdpa(q, k, v, mask=None, scale=None):
+    """SDPA in the diffusers layout ``(B, S, heads, head_dim)``; ``mask`` broadcasts to (B, heads, Sq, Sk)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def full_mask(grid_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Embed an (N_img, N_img) grid mask into the (S, S) mask of the whole sequence: text rows and
+    columns are dense."""
+    s = layout.num_tokens
+    out = torch.ones(s, s, dtype=torch.bool, device=grid_mask.device)
+    img = layout.image_slice
+    out[img, img] = grid_mask
+    return out
+
+
+def masked_attention(q, k, v, grid_mask, layout: TokenLayout, key_padding_mask=None, scale=None):
+    """Reference attention: dense SDPA over the whole sequence with the pattern's mask.
+
+    ``key_padding_mask`` (B, S) bool, True = real token (diffusers' text padding), applies to every query.
+    """
+    mask = full_mask(grid_mask.to(q.device), layout)[None, None]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :].bool()
+    return sdpa(q, k, v, mask, scale)

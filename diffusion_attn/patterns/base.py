@@ -1,0 +1,310 @@
+"""The two pattern shapes every method in the pack reduces to, and their tile schedules.
+
+A *pattern* says which grid token may attend to which (text tokens are handled by the kernel: always
+dense). Two shapes cover the efficiency methods:
+
+* :class:`BoxPattern` -- separable per-axis windows: on each axis ``a`` a query at position ``p`` sees the
+  key positions ``[lo[p], hi[p])``, after relabelling the axis by a permutation (dilation groups, cyclic
+  shifts). The allowed set of a query is the product of its per-axis intervals. Neighborhood attention
+  (GNA: sliding / strided / blocked, with dilation) and (shifted) window attention are box patterns.
+* :class:`BlockPattern` -- a boolean block mask over the flattened sequence (radial attention).
+
+Both yield the dense boolean reference mask (the oracle; only for small sizes) and a :class:`Schedule`:
+buckets of equally shaped query tiles, each with the key indices it gathers and, for box patterns, a
+per-tile mask built lazily per chunk -- the fast path never builds an N x N tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["AxisWindows", "BoxPattern", "BlockPattern", "Bucket", "Schedule"]
+
+
+@dataclass
+class Bucket:
+    """``G`` query tiles of ``tq`` queries, each gathering the same number ``tk`` of keys.
+
+    ``qidx`` (G, tq) and ``kidx`` (G, tk) index the flattened grid; ``mask(g0, g1)`` returns the
+    (g1 - g0, tq, tk) boolean mask of tiles ``g0:g1``, or ``None`` when every tile is fully dense.
+    """
+
+    qidx: torch.Tensor
+    kidx: torch.Tensor
+    mask_fn: Callable[[int, int], torch.Tensor] | None = None
+
+    @property
+    def num_tiles(self) -> int:
+        return self.qidx.shape[0]
+
+    def mask(self, g0: int, g1: int) -> torch.Tensor | None:
+        return None if self.mask_fn is None else self.mask_fn(g0, g1)
+
+
+@dataclass
+class Schedule:
+    """A partition of the grid queries into tiles; every query is in exactly one tile."""
+
+    buckets: list[Bucket]
+    num_queries: int
+    allowed_pairs: int  # exact number of (query, key) pairs the pattern allows
+    visited_pairs: int = field(default=0)  # (query, key) pairs the tiles compute, masked ones included
+
+    def __post_init__(self):
+        self.visited_pairs = sum(b.qidx.numel() * b.kidx.shape[1] for b in self.buckets)
+
+    @property
+    def density(self) -> float:
+        return self.allowed_pairs / float(self.num_queries) ** 2
+
+    @property
+    def visited_density(self) -> float:
+        return self.visited_pairs / float(self.num_queries) ** 2
+
+    def to(self, device) -> "Schedule":
+        moved = []
+        for b in self.buckets:
+            fn = b.mask_fn
+            if fn is not None:
+                fn = (lambda f: (lambda g0, g1: f(g0, g1).to(device)))(fn)
+            moved.append(Bucket(b.qidx.to(device), b.kidx.to(device), fn))
+        return Schedule(moved, self.num_queries, self.allowed_pairs)
+
+
+@dataclass(frozen=True)
+class AxisWindows:
+    """One axis of a box pattern.
+
+    The axis (length ``L``) is relabelled by ``perm``: permuted position ``p`` holds original coordinate
+    ``perm[p]``. The query at permuted position ``p`` sees the keys at permuted positions
+    ``[lo[p], hi[p])``. All three are int64 tensors of shape ``(L,)``.
+    """
+
+    perm: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.perm.numel()
+
+    def dense(self) -> torch.Tensor:
+        """(L, L) boolean mask in original coordinates: ``[query, key]``."""
+        L = self.length
+        pos = torch.arange(L)
+        allowed_perm = (pos[None, :] >= self.lo[:, None]) & (pos[None, :] < self.hi[:, None])
+        out = torch.zeros(L, L, dtype=torch.bool)
+        out[self.perm[:, None], self.perm[None, :]] = allowed_perm
+        return out
+
+    def tiles(self, tile: int):
+        """Split into query tiles of ``tile`` permuted positions (the last may be shorter).
+
+        Returns a list of (query_coords (n, t), key_coords (n, K), mask (n, t, K) or None) groups in
+        original coordinates, one group for the full tiles and one for a partial last tile. Every tile
+        of the axis gathers the same fixed-size box of ``K`` consecutive permuted positions, clamped
+        inside the axis, which contains the union of its queries' windows.
+        """
+        L = self.length
+        tile = max(1, min(tile, L))
+        starts = list(range(0, L, tile))
+        box = 0
+        spans = []
+        for s in starts:
+            e = min(s + tile, L)
+            lo, hi = int(self.lo[s:e].min()), int(self.hi[s:e].max())
+            spans.append((s, e, lo))
+            box = max(box, hi - lo)
+        groups = []
+        full = [sp for sp in spans if sp[1] - sp[0] == tile]
+        part = [sp for sp in spans if sp[1] - sp[0] != tile]
+        pos = torch.arange(L)
+        for group in (full, part):
+            if not group:
+                continue
+            t = group[0][1] - group[0][0]
+            qpos = torch.stack([pos[s:e] for s, e, _ in group])  # (n, t) permuted
+            kstart = torch.tensor([min(lo, L - box) for _, _, lo in group])
+            kpos = kstart[:, None] + torch.arange(box)[None, :]  # (n, K) permuted
+            mask = (kpos[:, None, :] >= self.lo[qpos][:, :, None]) & (kpos[:, None, :] < self.hi[qpos][:, :, None])
+            groups.append((self.perm[qpos], self.perm[kpos], None if bool(mask.all()) else mask))
+        return groups
+
+
+class BoxPattern:
+    """Separable per-axis windows over a grid (see module docstring)."""
+
+    def __init__(self, grid: tuple[int, ...], axes: list[AxisWindows]):
+        if len(grid) != len(axes) or any(a.length != g for a, g in zip(axes, grid)):
+            raise ValueError(f"axes do not match the grid {grid}")
+        self.grid = tuple(grid)
+        self.axes = axes
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+    def allowed_pairs(self) -> int:
+        return math.prod(int((a.hi - a.lo).sum()) for a in self.axes)
+
+    @property
+    def density(self) -> float:
+        return self.allowed_pairs() / float(self.num_tokens) ** 2
+
+    def is_full(self) -> bool:
+        return all(bool((a.lo == 0).all() and (a.hi == a.length).all()) for a in self.axes)
+
+    def dense_mask(self) -> torch.Tensor:
+        """(N, N) boolean mask over the row-major flattened grid."""
+        masks = [a.dense() for a in self.axes]
+        n = len(masks)
+        out = torch.ones((1,) * (2 * n), dtype=torch.bool)
+        for i, m in enumerate(masks):
+            shape = [1] * (2 * n)
+            shape[i], shape[n + i] = m.shape
+            out = out & m.view(shape)
+        return out.reshape(self.num_tokens, self.num_tokens)
+
+    def schedule(self, tile: tuple[int, ...]) -> Schedule:
+        """Tile the grid with per-axis tiles ``tile`` (in permuted positions)."""
+        strides = [math.prod(self.grid[i + 1 :]) for i in range(len(self.grid))]
+        per_axis = [a.tiles(t) for a, t in zip(self.axes, tile)]
+        buckets = []
+        for combo in _product(per_axis):
+            buckets.append(_box_bucket(combo, strides))
+        return Schedule(buckets, self.num_tokens, self.allowed_pairs())
+
+
+def _product(lists):
+    if not lists:
+        yield ()
+        return
+    for head in lists[0]:
+        for rest in _product(lists[1:]):
+            yield (head,) + rest
+
+
+def _outer(tensors, strides, op):
+    """Combine per-axis (n_a, x_a) tensors into (prod n_a, prod x_a) by row-major broadcasting."""
+    n = len(tensors)
+    out = None
+    for i, (t, s) in enumerate(zip(tensors, strides)):
+        shape = [1] * (2 * n)
+        shape[i], shape[n + i] = t.shape
+        term = t.view(shape) if op == "and" else t.view(shape) * s
+        out = term if out is None else (out & term if op == "and" else out + term)
+    g = math.prod(t.shape[0] for t in tensors)
+    return out.expand(*[t.shape[0] for t in tensors], *[t.shape[1] for t in tensors]).reshape(g, -1)
+
+
+def _box_bucket(combo, strides) -> Bucket:
+    qidx = _outer([c[0] for c in combo], strides, "sum")
+    kidx = _outer([c[1] for c in combo], strides, "sum")
+    if all(c[2] is None for c in combo):
+        return Bucket(qidx, kidx, None)
+    counts = [c[0].shape[0] for c in combo]
+    # per-axis masks (n_a, t_a, K_a), all-True where the axis is dense
+    masks = [
+        c[2] if c[2] is not None else torch.ones(c[0].shape[0], c[0].shape[1], c[1].shape[1], dtype=torch.bool)
+        for c in combo
+    ]
+
+    def mask_fn(g0: int, g1: int) -> torch.Tensor:
+        # tile g -> per-axis tile indices (row-major over the axes' tile counts)
+        g = torch.arange(g0, g1)
+        idx = []
+        for n in reversed(counts):
+            idx.append(g % n)
+            g = g // n
+        idx.reverse()
+        d = len(masks)
+        out = None
+        for i, (m, ii) in enumerate(zip(masks, idx)):
+            sel = m[ii]  # (G, t_i, K_i)
+            shape = [g1 - g0] + [1] * (2 * d)
+            shape[1 + i], shape[1 + d + i] = sel.shape[1], sel.shape[2]
+            term = sel.view(shape)
+            out = term if out is None else out & term
+        tq = math.prod(m.shape[1] for m in masks)
+        return out.expand(g1 - g0, *[m.shape[1] for m in masks], *[m.shape[2] for m in masks]).reshape(g1 - g0, tq, -1)
+
+    return Bucket(qidx, kidx, mask_fn)
+
+
+class BlockPattern:
+    """A block mask over the flattened grid: block ``(i, j)`` kept means all of query block ``i``
+    attends to all of key block ``j``. The last block may be partial (``num_tokens % block_size``)."""
+
+    def __init__(self, grid: tuple[int, ...], block_mask: torch.Tensor, block_size: int):
+        self.grid = tuple(grid)
+        self.block_size = int(block_size)
+        nb = -(-self.num_tokens // self.block_size)
+        if tuple(block_mask.shape) != (nb, nb):
+            raise ValueError(f"block mask must be {(nb, nb)} for {self.num_tokens} tokens, got {tuple(block_mask.shape)}")
+        self.block_mask = block_mask.bool().cpu()
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+    def _block_sizes(self) -> torch.Tensor:
+        nb = self.block_mask.shape[0]
+        sizes = torch.full((nb,), self.block_size, dtype=torch.long)
+        sizes[-1] = self.num_tokens - self.block_size * (nb - 1)
+        return sizes
+
+    def allowed_pairs(self) -> int:
+        s = self._block_sizes().double()
+        return int((s[:, None] * s[None, :] * self.block_mask).sum())
+
+    @property
+    def density(self) -> float:
+        return self.allowed_pairs() / float(self.num_tokens) ** 2
+
+    def is_full(self) -> bool:
+        return bool(self.block_mask.all())
+
+    def dense_mask(self) -> torch.Tensor:
+        sizes = self._block_sizes()
+        return self.block_mask.repeat_interleave(sizes, 0).repeat_interleave(sizes, 1)
+
+    def schedule(self, rows_per_tile: int = 1) -> Schedule:
+        """Tiles of ``rows_per_tile`` consecutive query block rows, each gathering the union of its rows'
+        key blocks (with a block-level mask where the rows differ). Bigger tiles run SDPA more
+        efficiently on CPU at the price of some masked work. Tiles are bucketed by (queries, keys)."""
+        bs, n = self.block_size, self.num_tokens
+        sizes = self._block_sizes()
+        starts = torch.arange(self.block_mask.shape[0]) * bs
+        nb = self.block_mask.shape[0]
+        empty = torch.nonzero(~self.block_mask.any(1)).flatten()
+        if empty.numel():
+            raise ValueError(f"block row {int(empty[0])} attends to no key block; every query needs at least one")
+        groups: dict[tuple[int, int], list] = {}
+        for r0 in range(0, nb, rows_per_tile):
+            rows = self.block_mask[r0 : r0 + rows_per_tile]
+            cols = torch.nonzero(rows.any(0)).flatten()
+            keys = torch.cat([torch.arange(int(starts[j]), int(starts[j] + sizes[j])) for j in cols])
+            q = torch.arange(int(starts[r0]), min(int(starts[r0]) + bs * rows_per_tile, n))
+            sub = rows[:, cols]  # (rows, kept cols) block mask of this tile
+            blk = None if bool(sub.all()) else (sub, sizes[r0 : r0 + rows.shape[0]], sizes[cols])
+            groups.setdefault((q.numel(), keys.numel()), []).append((q, keys, blk))
+        buckets = []
+        for tiles in groups.values():
+            fn = None
+            if any(t[2] is not None for t in tiles):
+                fn = lambda g0, g1, tiles=tiles: torch.stack([_expand_block_mask(t) for t in tiles[g0:g1]])
+            buckets.append(Bucket(torch.stack([t[0] for t in tiles]), torch.stack([t[1] for t in tiles]), fn))
+        return Schedule(buckets, n, self.allowed_pairs())
+
+
+def _expand_block_mask(tile) -> torch.Tensor:
+    """Token-level mask of one block-pattern tile (all True where the tile is dense)."""
+    q, keys, blk = tile
+    if blk is None:
+        return torch.ones(q.numel(), keys.numel(), dtype=torch.bool)
+    sub, row_sizes, col_sizes = blk
+    return sub.repeat_interleave(row_sizes, 0).repeat_interleave(col_sizes, 1)

@@ -1,0 +1,7 @@
+"""The method processors. Importing this package registers the built-in methods."""
+
+from .base import PatternProcessor
+from .gna import GNAProcessor
+from .radial import RadialProcessor
+
+__all__ = ["PatternProcessor", "GNAProcessor", "RadialProcessor"]
