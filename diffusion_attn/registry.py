@@ -38,9 +38,9 @@ class Param:
         if self.type is tuple:
             if isinstance(value, int) and not isinstance(value, bool):
                 value = (value,)
-            if isinstance(value, str):
-                value = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
             try:
+                if isinstance(value, str):  # "18,24,24" or "18x24x24", as typed on a command line
+                    value = value.replace("x", ",").split(",")
                 value = tuple(int(v) for v in value)
             except (TypeError, ValueError):
                 raise ValueError(f"parameter {self.name!r} must be an int or a tuple of ints, got {value!r}") from None
