@@ -2,6 +2,7 @@
 
 from .base import PatternProcessor
 from .gna import GNAProcessor
+from .hidiffusion import MSWMSAProcessor
 from .radial import RadialProcessor
 
-__all__ = ["PatternProcessor", "GNAProcessor", "RadialProcessor"]
+__all__ = ["PatternProcessor", "GNAProcessor", "MSWMSAProcessor", "RadialProcessor"]
