@@ -8,7 +8,7 @@
 
 from .api import Handle, apply, applied, attach, attention_mask, denoisers, remove
 from .layout import TokenLayout
-from .processors import GNAProcessor, PatternProcessor, RadialProcessor
+from .processors import GNAProcessor, MSWMSAProcessor, PatternProcessor, RadialProcessor
 from .registry import MethodSpec, Param, get_method
 from .registry import methods as _method_specs
 
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GNAProcessor",
     "Handle",
+    "MSWMSAProcessor",
     "MethodSpec",
     "Param",
     "PatternProcessor",
