@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import diffusion_attn as da
 from diffusion_attn.adapters.unet import UNET
@@ -376,7 +375,7 @@ def test_pipeline_runs_stock_after_errors():
     for params in (dict(model_variant="sd15"), dict(model_variant="sdxl-turbo", t2_ratio=0.2)):
         with pytest.raises(ValueError):
             da.apply(pipe, "hidiffusion", **params)
-    assert torch.equal(generate(pipe, "tiny-sdxl"), stock_output("tiny-sdxl"))
+    assert torch.equal(generate(pipe, "tiny-sdxl", num_inference_steps=2), stock_output("tiny-sdxl", num_inference_steps=2))
 
 
 def test_aggressive_is_sdxl_only():

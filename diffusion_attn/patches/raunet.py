@@ -49,6 +49,12 @@ How this differs from the official code, on purpose:
   skip ``down_block_res_samples[-1]`` diffusers would have passed. The size is only forced when it is
   not 2x (i.e. when RAU-Net changed the sizes); a forced 2x nearest upsample equals ``scale_factor=2``
   anyway, so outputs equal the official's.
+* **Run length.** ``N`` is the number of steps of the run as ``context.step`` counts them
+  (:func:`run_length`: the scheduler's distinct timesteps from ``begin_index`` on), which equals the
+  official ``pipeline._num_timesteps`` for text-to-image and for img2img pipelines that set the
+  scheduler's begin index; for SDXL's ``denoising_end`` (base + refiner) pass ``num_steps``.
+  Aggressive mode is decided per call from the latent size (the official leaves a stale per-module flag
+  on after a < 4096 px run, so its following 4096 px runs would stay aggressive).
 * **Odd sizes**: as the official, ``avg_pool2d(ceil_mode=True)`` then bicubic back to the exact stored
   size, and ``Upsample2D`` always hits the skip size exactly (nearest), so any latent size runs.
 """

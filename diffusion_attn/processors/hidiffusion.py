@@ -16,6 +16,8 @@ re-implementation of the official roll / partition / reverse). The shift: with `
 ``torch.rand(1)`` per call mapped as the official (``<= 0.25`` -> 0, ... ``> 0.75`` -> 3), so the same
 global torch seed gives the official's shifts; with ``seed=int`` a hash of (seed, step, layer index,
 call branch): reproducible, independent of the global RNG and of call order; ``shift=0..3`` fixes it.
+As the official, a map with fewer than 8 rows is never shifted (the official rolls only when the row
+shift ``ceil(H/2) // 4 * m`` is positive, which also drops the column shift).
 
 **RAU-Net** (:mod:`diffusion_attn.patches.raunet`): downsampler conv at stride 4 + upsampling to the skip
 size (conv variant), and avg-pool / bicubic inside the cross-attention blocks (block variant), during the
