@@ -21,11 +21,12 @@ Per case (method x shape) it reports:
   (1.0 = the sparse kernel is as fast per allowed pair as dense SDPA is per pair);
 * memory: each case is also run once in a fresh subprocess (same threads), which reports the peak
   resident set growth during one call (Linux ``VmHWM`` after resetting it via ``/proc/self/clear_refs``,
-  minus ``VmRSS`` before the call; q, k, v, the output buffer of the inputs and the prebuilt schedule are
-  allocated before and not counted) and, via a ``TorchDispatchMode``, the largest tensor any torch op
-  produced during the call. The sparse path must never build an S x S tensor: the script asserts that
-  the largest tensor has fewer than S^2 elements and reports peak growth next to S^2 bytes (one bool
-  S x S mask) and heads * S^2 * 4 bytes (fp32 scores of all heads, what naive attention materialises).
+  minus ``VmRSS`` before the call; q, k, v and the prebuilt schedule are allocated before and not
+  counted). Dense SDPA is measured once per shape. Printed next to S^2 bytes (one bool S x S mask) and
+  heads * S^2 * 4 bytes (fp32 scores of all heads, what naive attention materialises);
+* S x S check: the first (untimed) sparse call runs under a ``TorchDispatchMode`` that records the
+  largest tensor any torch op returns; from ``ASSERT_MIN_TOKENS`` tokens on the script asserts it has
+  fewer than S^2 elements (the fast path never builds an S x S tensor).
 
 Timed heads: dense attention on 2 CPU cores costs ~1.5 s per head at 14K tokens, so large shapes are timed
 with fewer heads than the model has (``heads`` column: timed/model). Heads are independent batch entries
@@ -38,20 +39,19 @@ for both kernels, so times scale linearly and the speedup does not depend on it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -207,7 +207,7 @@ def _proc_status() -> dict[str, int]:
     return out
 
 
-class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+class LargestTensor(TorchDispatchMode):
     """Records the largest tensor (elements) that any op returns while active."""
 
     def __init__(self):
@@ -452,7 +452,8 @@ def markdown(rows: list[dict], hidi: list[dict] | str, meta: dict, errors=()) ->
         "efficiency = speedup x density; eff. vs visited = speedup x visited density (how fast the kernel is per "
         "computed pair, relative to dense SDPA: below 1 = gather / mask / small-tile overhead). peak MB: resident-set growth during one call in a fresh process "
         "(inputs and the prebuilt schedule excluded). largest sparse tensor: elements of the largest tensor "
-        "any op returned during the sparse call, over S^2 (< 1 asserted: no S x S tensor).",
+        f"any op returned during the first sparse call, over S^2 (asserted < 1 from {ASSERT_MIN_TOKENS} tokens on: "
+        "no S x S tensor).",
         "",
         *(f"**FAILED** {e}  " for e in errors),
         "",
@@ -494,7 +495,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per kernel (default 3, quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed dense+sparse calls per case (default 0 full, 1 quick)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    p.add_argument("--out", default="benchmarks/results/attention.md", help="markdown table output")
+    p.add_argument("--out", default=None,
+                   help="markdown table output (default benchmarks/results/attention.md, quick: attention-quick.md)")
     p.add_argument("--json", default=None, help="also write raw results as JSON here")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                    help="peak-RSS subprocess per case (default: on, off with --quick)")
@@ -514,6 +516,7 @@ def main(argv=None):
         print(json.dumps(child_memory(case, args._variant)))
         return 0
 
+    args.out = args.out or f"benchmarks/results/attention{'-quick' if args.quick else ''}.md"
     args.unet_width = args.unet_width or ("32,64,64,64" if args.quick else "320,640,1280,1280")
     args.unet_latent = args.unet_latent or (48 if args.quick else 128)
     args.unet_steps = args.unet_steps or 4
@@ -521,6 +524,11 @@ def main(argv=None):
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 0)
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
+    known = {"radial", "gna", "msw", "hidiffusion"} | {c.name for c in cases}
+    unknown = sorted((only or set()) - known)
+    if unknown:
+        p.error(f"--only: unknown {', '.join(unknown)}; accepted: radial, gna, msw, hidiffusion or a case name "
+                f"from --list{' --quick' if args.quick else ''}")
     selected = select(cases, only)
     if args.list:
         for c in cases:
