@@ -109,10 +109,15 @@ class ContextHook(ModelHook):
 
 
 def attach_context(model: torch.nn.Module, context: RunContext, read_call) -> None:
+    created_registry = not hasattr(model, "_diffusers_hook")
+    had_instance_forward = "forward" in model.__dict__
     registry = HookRegistry.check_if_exists_or_initialize(model)
     if registry.get_hook(HOOK_NAME) is not None:
         raise RuntimeError("a diffusion_attn run context is already attached to this model")
-    registry.register_hook(ContextHook(context, read_call), HOOK_NAME)
+    hook = ContextHook(context, read_call)
+    # what detach must undo beyond the registry's own remove_hook, so the module comes back bit-exactly
+    hook.created_registry, hook.had_instance_forward = created_registry, had_instance_forward
+    registry.register_hook(hook, HOOK_NAME)
 
 
 def find_context(model: torch.nn.Module) -> RunContext | None:
@@ -122,6 +127,16 @@ def find_context(model: torch.nn.Module) -> RunContext | None:
 
 
 def detach_context(model: torch.nn.Module) -> None:
+    """Remove the context hook; when it was the only hook, also drop the registry and the instance
+    ``forward`` that diffusers' HookRegistry leaves behind, if attaching created them."""
     registry = getattr(model, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    if hook is None:
+        return
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    if registry.hooks:
+        return
+    if hook.created_registry:
+        del model._diffusers_hook
+    if not hook.had_instance_forward:
+        model.__dict__.pop("forward", None)

@@ -26,10 +26,10 @@ def generate(pipe, name, **overrides):
 
 
 def snapshot(pipe):
-    """Everything apply may touch: processor objects, hooks."""
+    """Everything apply may touch: processor objects, hooks, the module's own attributes."""
     out = {}
     for m in da.denoisers(pipe):
-        out[id(m)] = (dict(m.attn_processors), dict(getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) or {}))
+        out[id(m)] = (dict(m.attn_processors), dict(getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) or {}), set(m.__dict__))
     return out
 
 
@@ -37,10 +37,11 @@ def assert_untouched(pipe, before):
     after = snapshot(pipe)
     assert after.keys() == before.keys()
     for key in before:
-        procs_b, hooks_b = before[key]
-        procs_a, hooks_a = after[key]
+        procs_b, hooks_b, attrs_b = before[key]
+        procs_a, hooks_a, attrs_a = after[key]
         assert procs_a.keys() == procs_b.keys() and all(procs_a[n] is procs_b[n] for n in procs_b)
         assert hooks_a.keys() == hooks_b.keys()
+        assert attrs_a == attrs_b  # e.g. no instance ``forward`` / hook registry left behind
 
 
 # ---------------------------------------------------------------------------------------------------

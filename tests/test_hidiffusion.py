@@ -64,13 +64,11 @@ def _fingerprint(v):
 
 def module_state(pipe):
     """Every module of every denoiser: identity, class and attributes (hook dicts by content, objects by
-    identity). The denoiser root's ``forward`` / ``_diffusers_hook`` belong to the core's run-context hook
-    (a diffusers HookRegistry), not to hidiffusion, and are left out."""
+    identity), the run-context hook's registry and instance ``forward`` included."""
     out = {}
     for model in da.denoisers(pipe):
         for name, m in model.named_modules():
-            attrs = {k: _fingerprint(v) for k, v in m.__dict__.items()
-                     if not (name == "" and k in ("forward", "_diffusers_hook"))}
+            attrs = {k: _fingerprint(v) for k, v in m.__dict__.items()}
             out[(id(model), name)] = (id(m), type(m), attrs, {n: id(p) for n, p in m.attn_processors.items()} if name == "" else None)
     return out
 
