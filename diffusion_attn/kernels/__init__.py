@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..layout import TokenLayout
+from ..patterns.base import BlockPattern
+from .flex import block_occupancy, flex_attention_call, flex_available, flex_block_mask
 from .gather import gather_attention
 from .reference import full_mask, masked_attention, sdpa
 from .tiling import build_schedule, choose_tiles
@@ -14,31 +16,47 @@ __all__ = [
     "build_schedule",
     "choose_backend",
     "choose_tiles",
+    "flex_available",
     "full_mask",
     "gather_attention",
     "masked_attention",
     "pattern_attention",
+    "prepared_attention",
     "sdpa",
 ]
 
 #: ``auto`` picks one of the others: ``dense`` (plain SDPA, only for a pattern that allows everything),
-#: ``reference`` (SDPA with the full boolean mask; small sequences) or ``gather`` (tiled gather + SDPA).
-BACKENDS = ("auto", "gather", "reference", "dense")
+#: ``reference`` (SDPA with the full boolean mask; small sequences), ``flex`` (compiled FlexAttention,
+#: which skips masked blocks; block patterns on long sequences, where it runs) or ``gather`` (tiled
+#: gather + SDPA; box patterns, and block patterns where flex does not run).
+BACKENDS = ("auto", "gather", "flex", "reference", "dense")
 
 #: Below this many tokens the masked dense call is cheaper than gathering tiles.
 SMALL_SEQUENCE = 2048
+#: From this many tokens block patterns go to compiled FlexAttention (its compile, ~15-60 s per shape on
+#: CPU, is paid once per process and layout; below this the gather kernel is as fast).
+FLEX_MIN_TOKENS = 8192
 
 
-def choose_backend(pattern, layout: TokenLayout, backend: str = "auto") -> str:
+def choose_backend(pattern, layout: TokenLayout, backend: str = "auto", device=None) -> str:
+    """The backend that runs ``pattern`` on ``layout``: ``backend`` itself unless it is ``auto``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if pattern.is_full():
         return "dense"
     if backend == "dense":
         raise ValueError("backend='dense' ignores the pattern; it is only valid when the pattern is full")
+    device_type = torch.device(device if device is not None else "cpu").type
+    if backend == "flex" and not flex_available(device_type):
+        raise RuntimeError(f"backend='flex' needs torch.compile to work on {device_type} (torch >= 2.5 and, on CPU, "
+                           "a C++ compiler); use backend='gather' or 'auto'")
     if backend != "auto":
         return backend
-    return "reference" if layout.num_tokens <= SMALL_SEQUENCE else "gather"
+    if layout.num_tokens <= SMALL_SEQUENCE:
+        return "reference"
+    if isinstance(pattern, BlockPattern) and layout.num_tokens >= FLEX_MIN_TOKENS and flex_available(device_type):
+        return "flex"
+    return "gather"
 
 
 def pattern_attention(
@@ -51,6 +69,7 @@ def pattern_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
     schedule=None,
+    block_mask=None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence laid out as ``layout`` (grid + text), restricted by ``pattern`` on the grid.
@@ -67,11 +86,16 @@ def pattern_attention(
         raise ValueError("key_padding_mask may only mask text tokens")
     if kpm is not None and bool(kpm.all()):
         kpm = None
-    chosen = choose_backend(pattern, layout, backend)
+    chosen = choose_backend(pattern, layout, backend, q.device)
     if chosen == "dense":
         return sdpa(q, k, v, None if kpm is None else kpm[:, None, None, :], scale)
     if chosen == "reference":
         return masked_attention(q, k, v, pattern.dense_mask(), layout, kpm, scale)
+    if chosen == "flex":
+        if block_mask is None:
+            block_mask = flex_block_mask(pattern, layout, key_padding_mask=kpm, device=q.device)
+        out = flex_attention_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask, scale)
+        return out.transpose(1, 2)
     img, txt = layout.image_slice, layout.text_slice
     if schedule is None:
         schedule = build_schedule(pattern).to(q.device)
@@ -88,3 +112,23 @@ def pattern_attention(
     out_txt = sdpa(q[:, txt], k, v, None if kpm is None else kpm[:, None, None, :], scale)
     parts = [out_txt, out_img] if layout.text_position == "first" else [out_img, out_txt]
     return torch.cat(parts, dim=1)
+
+
+def prepared_attention(q, k, v, pattern, layout: TokenLayout, *, cached, key, key_padding_mask=None,
+                       backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+    """:func:`pattern_attention` with its per-layout work cached: ``cached(cache_key, build)`` returns a
+    stored value or stores ``build()`` (a run context's ``cached``, or a dict-backed equivalent);
+    ``key`` identifies the pattern. The gather schedule and the flex block occupancy are built once
+    per layout and device; the flex BlockMask too unless text padding makes it per call."""
+    chosen = choose_backend(pattern, layout, backend, q.device)
+    kpm = None if key_padding_mask is None or bool(key_padding_mask.all()) else key_padding_mask
+    schedule = block_mask = None
+    dev = str(q.device)
+    if chosen == "gather":
+        schedule = cached(("schedule", key, dev), lambda: build_schedule(pattern).to(q.device))
+    elif chosen == "flex":
+        occupancy = cached(("flex-occupancy", key), lambda: block_occupancy(pattern, layout))
+        build = lambda: flex_block_mask(pattern, layout, key_padding_mask=kpm, device=q.device, occupancy=occupancy)  # noqa: E731
+        block_mask = build() if kpm is not None else cached(("flex-mask", key, dev), build)
+    return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=chosen,
+                             schedule=schedule, block_mask=block_mask, scale=scale)

@@ -35,33 +35,38 @@ def axis_box_size(axis: AxisWindows, tile: int) -> int:
     """Keys per tile on this axis: the widest union of the windows of ``tile`` consecutive queries."""
     L = axis.length
     pad = (-L) % tile
-    lo = torch.cat([axis.lo, axis.lo[-1:].expand(pad)]).view(-1, tile).min(1).values
-    hi = torch.cat([axis.hi, axis.hi[-1:].expand(pad)]).view(-1, tile).max(1).values
+    lo = torch.cat([axis.lo, axis.lo[-1:].expand(pad)]).view(-1, tile).amin(1)
+    hi = torch.cat([axis.hi, axis.hi[-1:].expand(pad)]).view(-1, tile).amax(1)
     return int((hi - lo).max())
 
 
 def choose_tiles(pattern: BoxPattern) -> tuple[int, ...]:
-    """Per-axis query tile sizes minimising the cost model (at most MAX_TILE_QUERIES per tile)."""
+    """Per-axis query tile sizes minimising the cost model.
+
+    Per axis, tile sizes are ranked twice: by keys visited per query on that axis
+    (``ceil(L / t) * t * k / L`` for a tile of ``t`` positions gathering ``k`` keys) and by the tile size
+    itself; the best few of each ranking are combined. Combinations over MAX_TILE_QUERIES queries are
+    only taken when no combination fits.
+    """
     candidates = []
     for axis in pattern.axes:
         L = axis.length
         opts = []
         for t in range(1, min(L, MAX_AXIS_TILE) + 1):
             k = axis_box_size(axis, t)
-            opts.append((math.ceil(L / t) * t * k / t, t, k))  # ~keys visited per query on this axis
-        opts.sort()
-        keep = {t for _, t, _ in opts[:6]} | {opts[-1][1] if L <= MAX_AXIS_TILE else MAX_AXIS_TILE}
-        candidates.append([(t, k) for _, t, k in opts if t in keep])
+            opts.append((math.ceil(L / t) * t * k / L, t, k))
+        by_keys = sorted(opts)[:6]
+        by_size = sorted(opts, key=lambda o: -o[1])[:6]
+        candidates.append(sorted({(t, k) for _, t, k in by_keys + by_size}))
     best = None
     for combo in itertools.product(*candidates):
         tq = math.prod(t for t, _ in combo)
-        if tq > MAX_TILE_QUERIES and best is not None:
-            continue
         tiles = math.prod(math.ceil(a.length / t) for a, (t, _) in zip(pattern.axes, combo))
         visited = tiles * tq * math.prod(k for _, k in combo)
         cost = visited * (1.0 + GATHER_COST / tq) / tile_efficiency(tq)
-        if best is None or cost < best[0]:
-            best = (cost, tuple(t for t, _ in combo))
+        key = (tq > MAX_TILE_QUERIES, cost)
+        if best is None or key < best[0]:
+            best = (key, tuple(t for t, _ in combo))
     return best[1]
 
 

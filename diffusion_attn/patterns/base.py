@@ -158,6 +158,32 @@ class BoxPattern:
     def is_full(self) -> bool:
         return all(bool((a.lo == 0).all() and (a.hi == a.length).all()) for a in self.axes)
 
+    def allowed(self, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+        """Elementwise: may flattened grid query ``qi`` see key ``ki``? (broadcasting int tensors)"""
+        return self.allowed_fn(qi.device)(qi, ki)
+
+    def allowed_fn(self, device=None):
+        """:meth:`allowed` with its lookup tables prepared on ``device``: pure indexing and comparisons,
+        so it can serve as (part of) a FlexAttention ``mask_mod``."""
+        tables = []
+        stride = self.num_tokens
+        for axis, L in zip(self.axes, self.grid):
+            stride //= L
+            inv = torch.empty_like(axis.perm)
+            inv[axis.perm] = torch.arange(L)
+            tables.append((stride, L, inv.to(device), axis.lo.to(device), axis.hi.to(device)))
+
+        def fn(qi, ki):
+            ok = None
+            for stride, L, inv, lo, hi in tables:
+                qp = inv[(qi // stride) % L]
+                kp = inv[(ki // stride) % L]
+                term = (lo[qp] <= kp) & (kp < hi[qp])
+                ok = term if ok is None else ok & term
+            return ok
+
+        return fn
+
     def dense_mask(self) -> torch.Tensor:
         """(N, N) boolean mask over the row-major flattened grid."""
         masks = [a.dense() for a in self.axes]
@@ -268,6 +294,15 @@ class BlockPattern:
     def is_full(self) -> bool:
         return bool(self.block_mask.all())
 
+    def allowed(self, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+        """Elementwise: may flattened grid query ``qi`` see key ``ki``? (see :meth:`BoxPattern.allowed`)"""
+        return self.allowed_fn(qi.device)(qi, ki)
+
+    def allowed_fn(self, device=None):
+        """:meth:`allowed` with the block mask on ``device`` (see :meth:`BoxPattern.allowed_fn`)."""
+        blocks, bs = self.block_mask.to(device), self.block_size
+        return lambda qi, ki: blocks[qi // bs, ki // bs]
+
     def dense_mask(self) -> torch.Tensor:
         sizes = self._block_sizes()
         return self.block_mask.repeat_interleave(sizes, 0).repeat_interleave(sizes, 1)
@@ -275,36 +310,41 @@ class BlockPattern:
     def schedule(self, rows_per_tile: int = 1) -> Schedule:
         """Tiles of ``rows_per_tile`` consecutive query block rows, each gathering the union of its rows'
         key blocks (with a block-level mask where the rows differ). Bigger tiles run SDPA more
-        efficiently on CPU at the price of some masked work. Tiles are bucketed by (queries, keys)."""
+        efficiently on CPU at the price of some masked work. Tiles are bucketed by (queries, keys).
+
+        Token-level tile masks are never stored: a bucket keeps its tiles' block-level masks
+        (G, rows, key blocks) and broadcasts them to tokens per chunk (:func:`_block_mask_fn`).
+        """
         bs, n = self.block_size, self.num_tokens
-        sizes = self._block_sizes()
-        starts = torch.arange(self.block_mask.shape[0]) * bs
         nb = self.block_mask.shape[0]
+        short = bs * nb - n  # tokens missing from the partial last block
         empty = torch.nonzero(~self.block_mask.any(1)).flatten()
         if empty.numel():
             raise ValueError(f"block row {int(empty[0])} attends to no key block; every query needs at least one")
+        within = torch.arange(bs)
         groups: dict[tuple[int, int], list] = {}
         for r0 in range(0, nb, rows_per_tile):
             rows = self.block_mask[r0 : r0 + rows_per_tile]
             cols = torch.nonzero(rows.any(0)).flatten()
-            keys = torch.cat([torch.arange(int(starts[j]), int(starts[j] + sizes[j])) for j in cols])
-            q = torch.arange(int(starts[r0]), min(int(starts[r0]) + bs * rows_per_tile, n))
-            sub = rows[:, cols]  # (rows, kept cols) block mask of this tile
-            blk = None if bool(sub.all()) else (sub, sizes[r0 : r0 + rows.shape[0]], sizes[cols])
-            groups.setdefault((q.numel(), keys.numel()), []).append((q, keys, blk))
+            keys = (cols[:, None] * bs + within).flatten()
+            if int(cols[-1]) == nb - 1 and short:
+                keys = keys[: keys.numel() - short]  # the last block is the highest column and is partial
+            q = torch.arange(r0 * bs, min((r0 + rows_per_tile) * bs, n))
+            groups.setdefault((q.numel(), keys.numel()), []).append((q, keys, rows[:, cols]))
         buckets = []
-        for tiles in groups.values():
-            fn = None
-            if any(t[2] is not None for t in tiles):
-                fn = lambda g0, g1, tiles=tiles: torch.stack([_expand_block_mask(t) for t in tiles[g0:g1]])
+        for (tq, tk), tiles in groups.items():
+            blocks = torch.stack([t[2] for t in tiles])  # (G, rows, key blocks)
+            fn = None if bool(blocks.all()) else _block_mask_fn(blocks, bs, tq, tk)
             buckets.append(Bucket(torch.stack([t[0] for t in tiles]), torch.stack([t[1] for t in tiles]), fn))
         return Schedule(buckets, n, self.allowed_pairs())
 
 
-def _expand_block_mask(tile) -> torch.Tensor:
-    """Token-level mask of one block-pattern tile (all True where the tile is dense)."""
-    q, keys, blk = tile
-    if blk is None:
-        return torch.ones(q.numel(), keys.numel(), dtype=torch.bool)
-    sub, row_sizes, col_sizes = blk
-    return sub.repeat_interleave(row_sizes, 0).repeat_interleave(col_sizes, 1)
+def _block_mask_fn(blocks: torch.Tensor, block_size: int, tq: int, tk: int):
+    """Token-level masks of tiles ``g0:g1`` from their block masks, by broadcasting (no copies kept)."""
+    G, r, c = blocks.shape
+
+    def mask_fn(g0: int, g1: int) -> torch.Tensor:
+        sub = blocks[g0:g1, :, None, :, None].expand(g1 - g0, r, block_size, c, block_size)
+        return sub.reshape(g1 - g0, r * block_size, c * block_size)[:, :tq, :tk]
+
+    return mask_fn

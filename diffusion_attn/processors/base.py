@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import build_schedule, pattern_attention
+from ..kernels import prepared_attention
 from ..layout import TokenLayout
 
 __all__ = ["PatternProcessor", "key_padding_from_mask"]
@@ -109,10 +109,8 @@ class PatternProcessor:
         if pattern is None or pattern.is_full():
             return self.dense(q, k, v, attention_mask)
         kpm = key_padding_from_mask(attention_mask, q.shape[0], q.shape[1])
-        schedule = None
-        if self.backend in ("auto", "gather"):
-            schedule = self.context.cached(("schedule", key, str(q.device)), lambda: build_schedule(pattern).to(q.device))
-        return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=self.backend, schedule=schedule)
+        return prepared_attention(q, k, v, pattern, layout, cached=self.context.cached, key=key,
+                                  key_padding_mask=kpm, backend=self.backend)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer_index}, dense_layers={self.dense_layers}, dense_steps={self.dense_steps})"
