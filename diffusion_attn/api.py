@@ -12,6 +12,7 @@ from .context import RunContext, attach_context, detach_context, find_context
 from .kernels import full_mask
 from .layout import TokenLayout
 from .processors.base import PatternProcessor
+from .processors.install import get_processors, set_processors
 from .registry import get_method
 
 __all__ = ["Handle", "apply", "remove", "applied", "attach", "attention_mask", "denoisers"]
@@ -143,7 +144,7 @@ def attach(model: torch.nn.Module) -> Handle:
     family = family_of(model)
     if find_context(model) is not None:
         raise ValueError(f"a run context is already attached to this {type(model).__name__}")
-    original = dict(model.attn_processors)
+    original = get_processors(model)
     index = {name: i for name, i in family.layers(model)}
     context = RunContext(family.name)
     new, seen, found = dict(original), set(), []
@@ -160,9 +161,9 @@ def attach(model: torch.nn.Module) -> Handle:
         found.append(proc.method)
     if not found:
         raise ValueError("no diffusion_attn processor is installed on this model; nothing to attach")
-    model.set_attn_processor(new)
+    set_processors(model, new)
     attach_context(model, context, family.read_call)
-    undo = [lambda: model.set_attn_processor(original), lambda: detach_context(model)]
+    undo = [lambda: set_processors(model, original), lambda: detach_context(model)]
     handle = Handle(found[0], {}, context, [model], undo)
     setattr(model, _HANDLE_ATTR, handle)
     return handle

@@ -8,9 +8,11 @@ import torch
 
 import diffusion_attn as da
 from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
+from diffusion_attn.processors.install import get_processors
 
-GRID = {"tiny-flux": (8, 12), "tiny-sd3": (8, 12), "tiny-wan": (3, 8, 12), "tiny-hunyuanvideo": (3, 8, 12)}
-FAMILY = {"tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan", "tiny-wan22": "wan", "tiny-hunyuanvideo": "hunyuanvideo"}
+GRID = {"tiny-flux": (8, 12), "tiny-sd3": (8, 12), "tiny-wan": (3, 8, 12), "tiny-hunyuanvideo": (3, 8, 12), "tiny-mochi": (3, 8, 12)}
+FAMILY = {"tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan", "tiny-wan22": "wan", "tiny-hunyuanvideo": "hunyuanvideo",
+          "tiny-mochi": "mochi"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,7 +31,7 @@ def snapshot(pipe):
     """Everything apply may touch: processor objects, hooks, the module's own attributes."""
     out = {}
     for m in da.denoisers(pipe):
-        out[id(m)] = (dict(m.attn_processors), dict(getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) or {}), set(m.__dict__))
+        out[id(m)] = (get_processors(m), dict(getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) or {}), set(m.__dict__))
     return out
 
 
@@ -88,22 +90,23 @@ def test_cfg_and_batch(name, cfg, batch):
 RADIAL_FRAMES = 25  # 7 latent frames x 8 x 12 = 672 tokens: 6 blocks, the last partial
 
 
-@pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22", "tiny-hunyuanvideo"])
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22", "tiny-hunyuanvideo", "tiny-mochi"])
 def test_radial_runs_sparse_and_dense_steps_reproduce_stock(name):
+    frames = 37 if name == "tiny-mochi" else RADIAL_FRAMES  # Mochi's VAE compresses time by 6 (-> 7 latent frames)
     pipe = pipe_for(name)
     family = FAMILY[name]
     layout = da.TokenLayout((7, 8, 12))
     assert da.attention_mask("radial", layout, family=family, decay_factor=0.05).float().mean() < 1.0
-    stock = generate(pipe, name, num_frames=RADIAL_FRAMES)
+    stock = generate(pipe, name, num_frames=frames)
     with da.applied(pipe, "radial", dense_steps=2) as h:  # every step dense: stock
-        assert torch.equal(generate(pipe, name, num_frames=RADIAL_FRAMES), stock)
+        assert torch.equal(generate(pipe, name, num_frames=frames), stock)
     with da.applied(pipe, "radial", dense_layers=1000, dense_steps=0):  # every layer dense: stock
-        assert torch.equal(generate(pipe, name, num_frames=RADIAL_FRAMES), stock)
+        assert torch.equal(generate(pipe, name, num_frames=frames), stock)
     with da.applied(pipe, "radial", dense_steps=0, dense_layers=0, decay_factor=0.05) as h:
-        sparse = generate(pipe, name, num_frames=RADIAL_FRAMES)
+        sparse = generate(pipe, name, num_frames=frames)
         assert h.context.grid == (7, 8, 12)
     assert torch.isfinite(sparse).all() and not torch.allclose(sparse, stock)
-    assert torch.equal(generate(pipe, name, num_frames=RADIAL_FRAMES), stock)
+    assert torch.equal(generate(pipe, name, num_frames=frames), stock)
 
 
 def test_radial_defaults_follow_official_scripts():
@@ -116,6 +119,25 @@ def test_radial_defaults_follow_official_scripts():
     h = da.apply(pipe_for("tiny-hunyuanvideo"), "radial")
     assert (h.params["decay_factor"], h.params["sink"], h.params["dense_layers"]) == (0.95, False, 0)
     h.remove()
+    h = da.apply(pipe_for("tiny-mochi"), "radial")  # ours: the official code has no Mochi script
+    assert (h.params["decay_factor"], h.params["sink"], h.params["dense_steps"]) == (0.95, False, 16)
+    h.remove()
+
+
+def test_mochi_drops_padded_text_per_sample_like_stock():
+    """Two prompts of different lengths (CFG off, batch 2): each sample attends over its own real text
+    tokens only; a window covering the grid reproduces the stock processor exactly."""
+    pipe = pipe_for("tiny-mochi")
+    prompts = ["a fox", "a red fox running through fresh snow at dawn, cinematic and detailed"]
+    kw = default_call_kwargs("mochi", guidance_scale=1.0)
+    run = lambda: pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kw)[0]  # noqa: E731
+    stock = run()
+    with da.applied(pipe, "gna", window=(3, 8, 12)):
+        assert torch.equal(run(), stock)
+    with da.applied(pipe, "radial", dense_steps=0, decay_factor=0.0):
+        sparse = run()
+    assert sparse.shape[0] == 2 and torch.isfinite(sparse).all() and not torch.allclose(sparse, stock)
+    assert torch.equal(run(), stock)
 
 
 def test_step_index_with_cfg_as_two_calls():
@@ -153,7 +175,7 @@ def test_methods_listing():
     specs = da.methods()
     assert {"gna", "radial"} <= set(specs)
     d = specs["gna"].describe()
-    assert d["families"] == ["flux", "sd3", "wan", "hunyuanvideo"]
+    assert d["families"] == ["flux", "sd3", "wan", "hunyuanvideo", "mochi"]
     assert [p["name"] for p in d["params"]][:3] == ["window", "stride", "dilation"]
     assert all(p["help"] for p in d["params"])
 
@@ -170,7 +192,7 @@ def test_attention_mask_shape_and_text():
     "method,params,match",
     [
         ("gnaa", {"window": 3}, "did you mean 'gna'"),
-        ("radial", {}, "supported families: wan, hunyuanvideo"),
+        ("radial", {}, "supported families: wan, hunyuanvideo, mochi"),
         ("gna", {}, "'window' is required"),
         ("gna", {"window": 3, "strid": 2}, "did you mean 'stride'"),
         ("gna", {"window": 0}, r"must be in \[1"),

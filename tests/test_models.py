@@ -33,6 +33,7 @@ EXPECTED_LATENTS = {
     "tiny-wan": (1, 16, 3, 16, 24),  # patch 1x2x2 -> 3 x 8 x 12 tokens
     "tiny-wan22": (1, 16, 3, 16, 24),
     "tiny-hunyuanvideo": (1, 4, 3, 16, 24),  # patch 1x2x2 -> 3 x 8 x 12 tokens
+    "tiny-mochi": (1, 12, 3, 16, 24),  # 13 frames / VAE 6x time, 8x space; patch 2 -> 3 x 8 x 12 tokens
     "tiny-sd15": (1, 4, 16, 24),
     "tiny-sdxl": (1, 4, 32, 48),
 }

@@ -5,13 +5,14 @@ from __future__ import annotations
 from .base import Family
 from .flux import FLUX
 from .hunyuan import HUNYUAN
+from .mochi import MOCHI
 from .sd3 import SD3
 from .unet import UNET, level_grid
 from .wan import WAN
 
 __all__ = ["FAMILIES", "Family", "family_of", "level_grid"]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX, SD3, WAN, HUNYUAN, UNET)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX, SD3, WAN, HUNYUAN, MOCHI, UNET)}
 
 
 def family_of(model) -> Family:

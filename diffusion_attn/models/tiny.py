@@ -338,6 +338,42 @@ def _build_hunyuanvideo(seed: int):
     )
 
 
+def _build_mochi(seed: int):
+    """Mochi 1 in miniature: 2 joint blocks, 2 heads x 16, patch 2; a tiny T5 and a 1-layer-per-block
+    Mochi VAE (13 frames -> 3 latent frames, /8 space)."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    tokenizer = tok.t5_tokenizer()
+    with _seeded(seed, 0):
+        transformer = MochiTransformer3DModel(
+            patch_size=2,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=2,
+            pooled_projection_dim=16,
+            in_channels=12,
+            text_embed_dim=32,  # T5 width
+            time_embed_dim=16,
+            max_sequence_length=32,
+        ).eval()
+    with _seeded(seed, 1):
+        vae = AutoencoderKLMochi(
+            encoder_block_out_channels=(32, 32, 32, 32),  # GroupNorm(32) needs multiples of 32
+            decoder_block_out_channels=(32, 32, 32, 32),
+            layers_per_block=(1, 1, 1, 1, 1),
+            add_attention_block=(False,) * 5,
+        ).eval()
+    with _seeded(seed, 2):
+        text_encoder = _t5_text_encoder(tokenizer)
+    return MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
 def _build_sd15(seed: int):
     """SD 1.5 in miniature: the real UNet block layout (so module names match), channels (16, 32, 32, 32)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -464,6 +500,7 @@ _MODELS = (
         "HunyuanVideoPipeline, 1 dual-stream + 1 single-stream block, tiny Llama + CLIP.",
         _build_hunyuanvideo,
     ),
+    EmbeddedModel("tiny-mochi", "mochi", "MochiPipeline (Mochi 1), 2 joint blocks, 2 heads, tiny T5.", _build_mochi),
     EmbeddedModel("tiny-sd15", "unet-sd15", "StableDiffusionPipeline with an SD 1.5-shaped UNet.", _build_sd15),
     EmbeddedModel("tiny-sdxl", "unet-sdxl", "StableDiffusionXLPipeline with an SDXL-shaped UNet.", _build_sdxl),
 )

@@ -60,14 +60,15 @@ def _install(model, family, context, params):
 PLACEMENT = (
     Param("dense_layers", int, 0, "keep the first N attention layers dense", range=(0, None)),
     Param("dense_steps", int, 0, "keep the first N denoising steps dense (warm-up)", range=(0, None)),
-    Param("backend", str, "auto", "kernel: auto, gather (tiled), reference (dense mask), dense", choices=("auto", "gather", "reference", "dense")),
+    Param("backend", str, "auto", "kernel: auto, gather (tiled), flex (compiled FlexAttention), reference (dense mask), dense",
+          choices=("auto", "gather", "flex", "reference", "dense")),
 )
 
 SPEC = register(MethodSpec(
     name="gna",
     summary="Generalized Neighborhood Attention: sliding / strided / blocked windows over the 2-D or 3-D token grid",
     paper="Hassani et al., Generalized Neighborhood Attention (arXiv 2504.16922)",
-    families=("flux", "sd3", "wan", "hunyuanvideo"),
+    families=("flux", "sd3", "wan", "hunyuanvideo", "mochi"),
     kind="training-free efficiency",
     params=(
         Param("window", tuple, None, "window per axis, (H, W) or (T, H, W); an int broadcasts", range=(1, None), required=True),

@@ -4,7 +4,27 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["install_processors"]
+__all__ = ["install_processors", "get_processors", "set_processors"]
+
+
+def get_processors(model) -> dict:
+    """``{"<module path>.processor": processor}`` of every attention module, like diffusers'
+    ``model.attn_processors``; also for models without it (``MochiTransformer3DModel``)."""
+    if hasattr(type(model), "attn_processors"):
+        return dict(model.attn_processors)
+    return {f"{name}.processor": m.processor for name, m in model.named_modules()
+            if name and getattr(m, "processor", None) is not None and callable(m.processor)}
+
+
+def set_processors(model, processors: dict) -> None:
+    """Install ``processors`` (a dict as from :func:`get_processors`), like ``model.set_attn_processor``."""
+    if hasattr(model, "set_attn_processor"):
+        model.set_attn_processor(processors)
+        return
+    for key, proc in processors.items():
+        module = model.get_submodule(key.removesuffix(".processor"))
+        if module.processor is not proc:
+            module.processor = proc
 
 
 def install_processors(model, family, context, make: Callable[[int, str], object | None], layers=None) -> list:
@@ -13,11 +33,11 @@ def install_processors(model, family, context, make: Callable[[int, str], object
     ``make`` may return None to leave a layer alone. Returns the undo list: re-installing the original
     processor objects, so ``remove`` is bit-exact.
     """
-    original = dict(model.attn_processors)
+    original = get_processors(model)
     new = dict(original)
     for name, index in layers if layers is not None else family.layers(model):
         proc = make(index, name)
         if proc is not None:
             new[name] = proc.bind(context, family, index)
-    model.set_attn_processor(new)
-    return [lambda: model.set_attn_processor(original)]
+    set_processors(model, new)
+    return [lambda: set_processors(model, original)]

@@ -1,10 +1,13 @@
-"""Radial attention processors for Wan 2.1 / 2.2 and HunyuanVideo.
+"""Radial attention processors for Wan 2.1 / 2.2, HunyuanVideo and Mochi 1.
 
 Pattern: :func:`diffusion_attn.patterns.radial_pattern` (the official block mask; see its docstring for
 the generalisation to any token count). Placement follows the official scripts: the first
 ``dense_layers`` layers and the first ``dense_steps`` steps are dense. Defaults per model come from the
 official scripts (Wan 2.1: decay 0.2, 1 dense layer, 12 dense steps, first-frame sink; Wan 2.2: decay
-0.8, 1 layer, 11 steps, sink; HunyuanVideo: decay 0.95, 0 layers, 12 steps, no sink).
+0.8, 1 layer, 11 steps, sink; HunyuanVideo: decay 0.95, 0 layers, 12 steps, no sink). Mochi 1 is
+named by the paper but absent from the official code; its defaults are ours: HunyuanVideo's (decay
+0.95, no sink, 0 dense layers) with 16 dense steps, the same quarter of Mochi's 64 default steps that
+12 is of HunyuanVideo's 50.
 
 Deviations from the official code: any resolution and frame count (the official crashes unless the
 token count divides by 128), batch > 1, masks cached per layout in the run context (the official caches
@@ -56,7 +59,7 @@ SPEC = register(MethodSpec(
     name="radial",
     summary="Radial attention: static O(n log n) spatio-temporal energy-decay block mask for video DiTs",
     paper="Li et al., Radial Attention (NeurIPS 2025, arXiv 2506.19852)",
-    families=("wan", "hunyuanvideo"),
+    families=("wan", "hunyuanvideo", "mochi"),
     kind="training-free efficiency",
     params=(
         Param("decay_factor", float, None, "band width scale for distant frames (per model by default)", range=(0.0, None)),
@@ -71,5 +74,6 @@ SPEC = register(MethodSpec(
         "wan": dict(decay_factor=0.2, sink=True, dense_layers=1, dense_steps=12),
         "wan2.2": dict(decay_factor=0.8, sink=True, dense_layers=1, dense_steps=11),
         "hunyuanvideo": dict(decay_factor=0.95, sink=False, dense_layers=0, dense_steps=12),
+        "mochi": dict(decay_factor=0.95, sink=False, dense_layers=0, dense_steps=16),
     },
 ))
