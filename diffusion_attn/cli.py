@@ -1,31 +1,39 @@
-"""``diffusion-attn``: generate with a method on an embedded tiny model or a real checkpoint.
+"""``diffusion-attn``: generate, compare and inspect attention methods from the command line.
+
+Commands: ``generate`` (one run, image or video + JSON sidecar), ``compare`` (dense vs method, same seed,
+side by side), ``mask`` (picture of a method's attention pattern for a token layout), ``methods`` (the
+registered methods and their flags), ``ui`` (the Gradio app), ``export-comfy`` (a ComfyUI custom-node
+folder). Flag names follow ``diffusers-cli run`` where they overlap (``--model/-m``, ``--dtype``,
+``--attention-backend``, ``--output/-o``).
 
 Method flags are generated from the method specs (``diffusion_attn.methods()``), so every registered
-method and parameter appears here with no code of its own.
+method and parameter appears here with no code of its own. Errors exit with status 2 and one line on
+stderr (``--debug`` shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import sys
-import time
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "parse_grid"]
 
-IMAGE_FAMILIES = ("flux", "sd3", "unet-sd15", "unet-sdxl")
-#: generation flags' destinations; a method parameter of the same name gets a --<method>- prefix
+#: generation / command flags' destinations; a method parameter of the same name gets a --<method>- prefix
 RESERVED = {"help", "command", "method", "model", "prompt", "height", "width", "num_frames", "steps", "guidance_scale",
-            "seed", "dtype", "device", "output"}
+            "seed", "dtype", "device", "output", "attention_backend", "progress", "warmup", "grid", "text",
+            "text_position", "family", "max_side", "host", "port", "share", "debug", "json", "directory"}
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _dest(spec_name: str, param: str, reserved) -> str:
-    """Method parameters share one flag across methods; a name that collides with a generation flag
+def _dest(spec_name: str, param: str, reserved=RESERVED) -> str:
+    """Method parameters share one flag across methods; a name that collides with a command flag
     (``seed``) becomes ``--<method>-<name>``."""
     return f"{spec_name}_{param}" if param in reserved else param
 
@@ -41,12 +49,11 @@ def _default_text(spec, p) -> str:
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     from . import methods
 
-    reserved = RESERVED
     seen = set()
     for spec in methods().values():
         group = parser.add_argument_group(f"{spec.name} parameters", spec.summary)
         for p in spec.params:
-            name = _dest(spec.name, p.name, reserved)
+            name = _dest(spec.name, p.name)
             if name in seen:
                 continue
             seen.add(name)
@@ -54,18 +61,22 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
             extra = f" [{', '.join(map(str, p.choices))}]" if p.choices else ""
             rng = f" range {p.range[0]}..{p.range[1] if p.range[1] is not None else 'inf'}" if p.range else ""
             help_ = f"{p.help} (default: {default}{rng}){extra}"
+            help_ = help_.replace("%", "%%")
             if p.type is bool:
                 group.add_argument(_flag(name), dest=f"m_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_)
             else:
                 kind = {int: int, float: float}.get(p.type, str)
-                group.add_argument(_flag(name), dest=f"m_{name}", type=kind, default=None, help=help_)
+                metavar = "N[,N,N]" if p.type is tuple else ("{" + ",".join(map(str, p.choices)) + "}" if p.choices else p.name.upper())
+                group.add_argument(_flag(name), dest=f"m_{name}", type=kind, default=None, metavar=metavar, help=help_)
 
 
 def _method_params(args) -> dict:
+    """The method flags given on the command line, as the method's parameter names; an error for flags
+    of other methods."""
     from . import get_method
 
     spec = get_method(args.method)
-    flags = {p.name: _dest(spec.name, p.name, RESERVED) for p in spec.params}
+    flags = {p.name: _dest(spec.name, p.name) for p in spec.params}
     given = {name: getattr(args, f"m_{flag}") for name, flag in flags.items() if getattr(args, f"m_{flag}", None) is not None}
     used = {flags[n] for n in given}
     others = [k[2:] for k, v in vars(args).items() if k.startswith("m_") and v is not None and k[2:] not in used]
@@ -74,104 +85,263 @@ def _method_params(args) -> dict:
     return given
 
 
-def _save(result, family: str, path: Path, meta: dict) -> Path:
-    import numpy as np
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
+def parse_grid(text: str) -> tuple[int, ...]:
+    """``"9x30x52"``, ``"64x64"`` or ``"9,30,52"`` -> a tuple of 1 to 3 positive ints."""
+    parts = [p for p in re.split(r"[x,\s]+", str(text).strip().lower()) if p]
+    try:
+        grid = tuple(int(p) for p in parts)
+    except ValueError:
+        grid = ()
+    if not 1 <= len(grid) <= 3 or any(g < 1 for g in grid):
+        raise ValueError(f"--grid must be 1 to 3 positive sizes like 9x30x52 (frames x height x width) or 64x64, got {text!r}")
+    return grid
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = result.detach().float().cpu().numpy() if hasattr(result, "detach") else np.asarray(result)
-    if family in IMAGE_FAMILIES:  # (B, C, H, W) in [0, 1]
-        img = Image.fromarray((arr[0].transpose(1, 2, 0).clip(0, 1) * 255).round().astype("uint8"))
-        info = PngInfo()
-        info.add_text("diffusion_attn", json.dumps(meta))
-        path = path.with_suffix(".png")
-        img.save(path, pnginfo=info)
-    else:  # (B, F, C, H, W) in [0, 1]
-        frames = [Image.fromarray((f.transpose(1, 2, 0).clip(0, 1) * 255).round().astype("uint8")) for f in arr[0]]
-        path = path.with_suffix(".gif")
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-    return path
+
+# ------------------------------------------------------------------------------------------------------
+# Progress
+# ------------------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar driven by the runner's ``callback(step_index, total)``."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def __call__(self, i: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr)
+        self.bar.update(i + 1 - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _generation_kwargs(args) -> dict:
+    return dict(prompt=args.prompt, height=args.height, width=args.width, num_frames=args.num_frames, steps=args.steps,
+                guidance_scale=args.guidance_scale, seed=args.seed, dtype=args.dtype, device=args.device,
+                attention_backend=args.attention_backend)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Commands
+# ------------------------------------------------------------------------------------------------------
 
 
 def cmd_generate(args) -> int:
-    import torch
+    from .runner import generate, save
 
-    import diffusion_attn as da
-    from .models import default_call_kwargs, load_pipeline, model_family
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     params = _method_params(args) if args.method != "none" else {}
-    pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
-    family = model_family(pipe)
-    overrides = {"num_inference_steps": args.steps}
-    for key in ("height", "width", "num_frames", "guidance_scale"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    kwargs = default_call_kwargs(family, **overrides)
-    if family in IMAGE_FAMILIES:
-        kwargs.pop("num_frames", None)
-    handle = da.apply(pipe, args.method, **params) if args.method != "none" else None
+    progress = _Progress(f"{args.method} on {args.model}", args.progress)
     try:
-        start = time.perf_counter()
-        result = pipe(prompt=args.prompt, generator=torch.Generator(args.device).manual_seed(args.seed), **kwargs)[0]
-        elapsed = time.perf_counter() - start
+        result = generate(args.model, args.method, params, callback=progress, **_generation_kwargs(args))
     finally:
-        resolved = handle.params if handle is not None else {}
-        if handle is not None:
-            handle.remove()
-    meta = dict(method=args.method, params={k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()},
-                model=args.model, family=family, prompt=args.prompt, seed=args.seed, steps=args.steps,
-                call_kwargs={k: v for k, v in kwargs.items() if k != "output_type"}, seconds=round(elapsed, 3))
-    path = _save(result, family, Path(args.output), meta)
-    print(f"{args.method} on {args.model} ({family}): {elapsed:.2f} s -> {path}")
+        progress.close()
+    path = save(result, args.output)
+    print(f"{result.method} on {args.model} ({result.family}): {result.seconds:.2f} s, "
+          f"{result.seconds_per_step:.3f} s/step -> {path} (+ {path.with_suffix('.json').name})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, save
+
+    if args.method == "none":
+        raise ValueError("compare needs a method other than 'none' (the dense run is always made)")
+    params = _method_params(args)
+    progress = _Progress(f"dense + {args.method} on {args.model}", args.progress)
+    try:
+        result = compare(args.model, args.method, params, callback=progress, warmup=args.warmup, **_generation_kwargs(args))
+    finally:
+        progress.close()
+    path = save(result, args.output)
+    psnr = "identical" if result.psnr == float("inf") else f"PSNR {result.psnr:.2f} dB"
+    print(f"dense {result.dense.seconds_per_step:.3f} s/step, {result.method.method} {result.method.seconds_per_step:.3f} s/step "
+          f"(speed {result.speedup:.2f}x); |diff| mean {result.mean_abs_diff:.3f}, max {result.max_abs_diff:.0f} (0-255), "
+          f"{psnr} -> {path} (+ {path.with_suffix('.json').name})")
+    return 0
+
+
+def cmd_mask(args) -> int:
+    from .layout import TokenLayout
+    from .viz import render_pattern
+
+    params = _method_params(args)
+    layout = TokenLayout(parse_grid(args.grid), args.text, args.text_position)
+    image = render_pattern(args.method, layout, family=args.family, max_side=args.max_side, **params)
+    path = Path(args.output)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    d = image.info["density"]
+    print(f"{args.method} on {layout.describe()} ({layout.num_tokens:,} tokens): density {d:.6f} "
+          f"({100 * d:.2f}% of (query, key) pairs) -> {path}")
     return 0
 
 
 def cmd_methods(args) -> int:
     from . import methods
 
+    if args.json:
+        print(json.dumps({name: spec.describe() for name, spec in methods().items()}, indent=2, default=str))
+        return 0
     for spec in methods().values():
         print(f"{spec.name:12s} {spec.kind:28s} families: {', '.join(spec.families)}")
         print(f"{'':12s} {spec.summary}")
         for p in spec.params:
-            flag = _flag(_dest(spec.name, p.name, RESERVED))
+            flag = _flag(_dest(spec.name, p.name))
             print(f"{'':14s}{flag:20s} {p.type.__name__:6s} {_default_text(spec, p):10s} {p.help}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .models import EMBEDDED_MODELS
+def cmd_ui(args) -> int:
+    try:
+        from .ui import launch
+    except ImportError as e:
+        raise ImportError(f"the UI needs Gradio: pip install 'diffusion-attn[ui]' ({e})") from e
+    launch(args.host, args.port, args.share)
+    return 0
 
-    parser = argparse.ArgumentParser(prog="diffusion-attn", description="Attention methods for diffusers pipelines.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate an image or video with a method applied")
-    gen.add_argument("--method", default="radial", help="method name, or 'none' for stock attention (default: radial)")
-    gen.add_argument("--model", default="tiny-wan", help=f"embedded model ({', '.join(EMBEDDED_MODELS)}) or a hub id / local folder")
-    gen.add_argument("--prompt", default="a red fox running through fresh snow, cinematic")
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--num-frames", dest="num_frames", type=int)
-    gen.add_argument("--steps", type=int, default=4)
-    gen.add_argument("--guidance", dest="guidance_scale", type=float)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--output", default="outputs/result", help="output path; .png for images, .gif for videos, plus a .json sidecar")
+
+def cmd_export_comfy(args) -> int:
+    try:
+        from .comfy.export import export_node_folder
+    except ImportError as e:
+        raise ImportError(f"the ComfyUI exporter is not available ({e})") from e
+    written = export_node_folder(args.directory)
+    if written is None:
+        print(f"wrote the ComfyUI node folder {args.directory}")
+    elif isinstance(written, (str, Path)):
+        print(f"wrote {written}")
+    else:
+        items = list(written)
+        for item in items:
+            print(item)
+        print(f"wrote {len(items)} files to {args.directory}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# Parser
+# ------------------------------------------------------------------------------------------------------
+
+
+def _add_generation_args(p: argparse.ArgumentParser, output_default: str, output_help: str) -> None:
+    from .models import EMBEDDED_MODELS
+    from .runner import DTYPES
+
+    p.add_argument("--method", default="radial", help="method name (see `diffusion-attn methods`), or 'none' for stock attention (default: radial)")
+    p.add_argument("--model", "-m", default="tiny-wan",
+                   help=f"embedded tiny model ({', '.join(EMBEDDED_MODELS)}) or a Hugging Face Hub id / local diffusers folder (default: tiny-wan)")
+    p.add_argument("--prompt", default="a red fox running through fresh snow, cinematic")
+    p.add_argument("--height", type=int, help="pixels (default: the model's small default)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's small default)")
+    p.add_argument("--num-frames", dest="num_frames", type=int, help="frames, video models only")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4)")
+    p.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="weights dtype (default: float32)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--attention-backend", dest="attention_backend", default=None, metavar="NAME",
+                   help="diffusers attention dispatcher backend for the dense layers and stock processors "
+                        "(native, flex, flash, sage, xformers, ...; transformer models only)")
+    p.add_argument("--output", "-o", default=output_default, help=output_help)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on stderr (default: on)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a nearest-flag hint for unknown flags."""
+
+    def unknown(self, extras: list[str]) -> None:
+        options = [s for a in self._actions for s in a.option_strings]
+        hints = []
+        for e in extras:
+            if e.startswith("-"):
+                close = difflib.get_close_matches(e.split("=")[0], options, n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"did you mean {close[0]}?")
+        self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diffusion-attn", description="Published attention methods for diffusers pipelines.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate an image or video with a method applied",
+                         description="Generate with a method applied; writes the image (PNG with a metadata text chunk) "
+                                     "or video (MP4 when imageio-ffmpeg or OpenCV is installed, else GIF) and a JSON sidecar.")
+    _add_generation_args(gen, "outputs/result", "output path; .png for images, .mp4 or .gif for videos (suffix set by "
+                                                "what is written), plus a .json sidecar (default: outputs/result)")
     _add_method_flags(gen)
     gen.set_defaults(func=cmd_generate)
-    lst = sub.add_parser("methods", help="list the methods, their families and parameters")
+
+    cmp = sub.add_parser("compare", help="dense vs method with the same seed: timings, pixel difference, side by side",
+                         description="Run stock attention and the method with the same seed and call; writes one "
+                                     "side-by-side image or video (dense left, method right) and a JSON sidecar.")
+    _add_generation_args(cmp, "outputs/compare", "output path for the side-by-side picture (+ .json) (default: outputs/compare)")
+    cmp.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                     help="one untimed dense step first, so one-off costs do not land on the timed runs (default: on)")
+    _add_method_flags(cmp)
+    cmp.set_defaults(func=cmd_compare)
+
+    msk = sub.add_parser("mask", help="draw a method's attention pattern for a token layout and print its density",
+                         description="Draw the (query, key) mask of a method on a token layout (text tokens included), "
+                                     "downsampled by per-cell density; prints the overall density.")
+    msk.add_argument("--method", required=True, help="method name (see `diffusion-attn methods`)")
+    msk.add_argument("--grid", required=True, help="token grid: frames x height x width (9x30x52) or height x width (64x64)")
+    msk.add_argument("--text", type=int, default=0, help="number of text tokens in the sequence (default: 0)")
+    msk.add_argument("--text-position", dest="text_position", choices=("first", "last"), default="last",
+                     help="text before (Flux) or after (SD3, HunyuanVideo) the grid tokens (default: last)")
+    msk.add_argument("--family", help="model family whose defaults to use (default: the method's first family)")
+    msk.add_argument("--max-side", dest="max_side", type=int, default=768, help="picture size limit in pixels per side (default: 768)")
+    msk.add_argument("--output", "-o", default="outputs/mask.png", help="output picture (default: outputs/mask.png)")
+    _add_method_flags(msk)
+    msk.set_defaults(func=cmd_mask)
+
+    lst = sub.add_parser("methods", help="list the methods, their families and parameters",
+                         description="List the registered methods, their model families and parameter flags.")
+    lst.add_argument("--json", action="store_true", help="print the method specs as JSON")
     lst.set_defaults(func=cmd_methods)
+
+    ui = sub.add_parser("ui", help="launch the Gradio app", description="Launch the Gradio app (needs the [ui] extra).")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    ui.add_argument("--share", action="store_true", help="create a public Gradio share link")
+    ui.set_defaults(func=cmd_ui)
+
+    exp = sub.add_parser("export-comfy", help="write a ComfyUI custom-node folder",
+                         description="Write a ComfyUI custom-node folder with one node per method into DIR.")
+    exp.add_argument("directory", metavar="DIR", help="folder to write (e.g. ComfyUI/custom_nodes/diffusion_attn)")
+    exp.set_defaults(func=cmd_export_comfy)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            sub = parser._subparsers._group_actions[0].choices.get(getattr(args, "command", None), parser)
+            sub.unknown(extras)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+        return int(e.code or 0)
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:
-        print(f"diffusion-attn: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("diffusion-attn: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, ImportError, NotImplementedError) as e:
+        if args.debug:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"diffusion-attn: error: {message}", file=sys.stderr)
         return 2
 
 
