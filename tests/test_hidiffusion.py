@@ -19,6 +19,7 @@ from diffusion_attn.patterns import shifted_window_pattern
 from diffusion_attn.processors.hidiffusion import (
     WINDOW_BLOCKS,
     MSWMSAProcessor,
+    choose_shift,
     detect_variant,
     official_shift_choice,
 )
@@ -164,8 +165,7 @@ def test_seeded_shifts_are_deterministic_and_seed_dependent():
         for step in range(10):
             for layer in range(5):
                 for branch in range(2):
-                    proc = MSWMSAProcessor(seed=seed).bind(fake_context((16, 24), step, branch), UNET, layer)
-                    out.append(proc.shift_choice())
+                    out.append(choose_shift((16, 24), shift=None, seed=seed, step=step, layer=layer, branch=branch))
         return out
 
     torch.manual_seed(0)

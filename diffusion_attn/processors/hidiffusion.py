@@ -100,6 +100,19 @@ def seeded_shift_choice(seed: int, step: int, layer: int, branch: int) -> int:
     return int.from_bytes(digest, "little") % 4
 
 
+def choose_shift(grid: tuple[int, ...], *, shift: int | None, seed: int | None, step: int, layer: int, branch: int) -> int:
+    """The shift multiple of one MSW-MSA call: fixed ``shift``, else seeded, else the official
+    ``torch.rand(1)`` draw; 0 on maps under 8 rows (the official rolls only when the row shift
+    ``ceil(H/2) // 4 * m`` is positive). Shared by the diffusers processor and the ComfyUI node."""
+    if shift is not None:
+        choice = shift
+    elif seed is not None:
+        choice = seeded_shift_choice(seed, step, layer, branch)
+    else:
+        choice = official_shift_choice(float(torch.rand(1)))
+    return 0 if -(-grid[0] // 2) // 4 == 0 else choice
+
+
 # ------------------------------------------------------------------------------------------------------
 # Processor
 # ------------------------------------------------------------------------------------------------------
@@ -122,19 +135,9 @@ class MSWMSAProcessor(PatternProcessor):
         self.seed, self.shift = seed, shift
         self.choice = 0  # shift multiple of the current call
 
-    def shift_choice(self) -> int:
-        if self.shift is not None:
-            return self.shift
-        if self.seed is not None:
-            return seeded_shift_choice(self.seed, self.context.step, self.layer_index or 0, self.context.branch)
-        return official_shift_choice(float(torch.rand(1)))
-
     def core(self, q, k, v, layout: TokenLayout, attention_mask=None):
-        choice = self.shift_choice()
-        if -(-layout.grid[0] // 2) // 4 == 0:
-            # official quirk: it rolls only when the row shift is > 0, so a map under 8 rows is never shifted
-            choice = 0
-        self.choice = choice
+        self.choice = choose_shift(layout.grid, shift=self.shift, seed=self.seed, step=self.context.step,
+                                   layer=self.layer_index or 0, branch=self.context.branch)
         return super().core(q, k, v, layout, attention_mask)
 
     def pattern_key(self, layout: TokenLayout):

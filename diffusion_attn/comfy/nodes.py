@@ -1,0 +1,278 @@
+"""ComfyUI nodes generated from the method specs: one "Apply <method> attention" node per method.
+
+The inputs come from ``MethodSpec.params`` (no per-method node code):
+
+* ``int`` / ``float`` -> INT / FLOAT with the spec's range (``min``/``max``), ``step`` and the help as
+  tooltip; ``bool`` -> BOOLEAN; ``str`` with choices -> a combo; other ``str`` -> STRING;
+* ``tuple`` (one int per grid axis) -> STRING such as ``"3,8,8"`` (or ``"3x8x8"``; one int broadcasts);
+* "not set / per-model default" (a parameter whose default is None): ``-1`` for numbers (the widget's
+  minimum; a parameter whose range starts at ``lo`` uses ``lo - 1``), ``"default"`` in bool and choice
+  combos, an empty STRING for tuples and strings;
+* methods with per-model defaults get one more combo, ``defaults_for``: ``auto`` (the detected model
+  family) or a ``family_defaults`` key such as ``wan2.2``.
+
+V1 classes (``INPUT_TYPES`` / ``FUNCTION``) are plain data and need no ComfyUI; :func:`build_v3_nodes`
+makes the same nodes as V3 ``io.ComfyNode`` classes from a ``comfy_api.latest.io`` module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..registry import MethodSpec, Param, methods
+from .patching import COMFY_FAMILIES, MIN_COMFYUI, SUPPORT, ComfySupport, apply_method, supported_models
+
+__all__ = [
+    "CATEGORY",
+    "DEFAULTS_INPUT",
+    "NodeInput",
+    "apply_node",
+    "build_node_mappings",
+    "build_v3_nodes",
+    "description",
+    "display_name",
+    "node_id",
+    "node_inputs",
+]
+
+CATEGORY = "diffusion_attn"
+#: extra combo picking whose per-model defaults fill unset parameters
+DEFAULTS_INPUT = "defaults_for"
+INT_MAX = 0xFFFFFFFFFFFFFFFF
+FLOAT_LIMIT = 1e6
+_UNSET = object()
+
+
+def node_id(spec: MethodSpec) -> str:
+    return "DiffusionAttnApply_" + re.sub(r"\W", "_", spec.name)
+
+
+def display_name(spec: MethodSpec) -> str:
+    return f"Apply {spec.name} attention"
+
+
+def _class_name(spec: MethodSpec) -> str:
+    return "Apply" + "".join(part.capitalize() for part in re.split(r"\W|_", spec.name) if part) + "Attention"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class NodeInput:
+    """One node input derived from a spec parameter (or the ``defaults_for`` combo)."""
+
+    name: str
+    kind: str  # INT, FLOAT, BOOLEAN, STRING, COMBO
+    default: Any
+    tooltip: str
+    param: Param | None = None
+    minimum: Any = None
+    maximum: Any = None
+    step: Any = None
+    options: tuple = ()
+    unset: Any = _UNSET  # the widget value that means "not set" (None -> spec/per-model default)
+
+    def v1(self) -> tuple:
+        opts = {"default": self.default, "tooltip": self.tooltip}
+        if self.kind == "COMBO":
+            return (list(self.options), opts)
+        if self.kind in ("INT", "FLOAT"):
+            opts.update(min=self.minimum, max=self.maximum, step=self.step)
+        if self.kind == "STRING":
+            opts["multiline"] = False
+        return (self.kind, opts)
+
+    def v3(self, io):
+        common = dict(default=self.default, tooltip=self.tooltip)
+        if self.kind == "INT":
+            return io.Int.Input(self.name, min=self.minimum, max=self.maximum, step=self.step, **common)
+        if self.kind == "FLOAT":
+            return io.Float.Input(self.name, min=self.minimum, max=self.maximum, step=self.step, **common)
+        if self.kind == "BOOLEAN":
+            return io.Boolean.Input(self.name, **common)
+        if self.kind == "COMBO":
+            return io.Combo.Input(self.name, options=list(self.options), **common)
+        return io.String.Input(self.name, multiline=False, **common)
+
+    def decode(self, value):
+        """The widget value as a spec value; :data:`_UNSET` leaves the parameter to its default."""
+        if self.unset is not _UNSET:
+            if self.kind == "FLOAT" and isinstance(value, (int, float)) and abs(value - self.unset) < 1e-9:
+                return _UNSET
+            if value == self.unset:
+                return _UNSET
+        if self.param is None:
+            return value
+        if self.kind == "COMBO" and self.param.type is bool:
+            return value == "true"
+        if self.kind == "STRING" and self.param.type is tuple:
+            return value.strip()
+        return value
+
+
+def _default_note(spec: MethodSpec, p: Param, unset_text: str) -> str:
+    per_model = [f"{fam}: {_fmt(d[p.name])}" for fam, d in spec.family_defaults.items() if p.name in d]
+    if per_model:
+        return f" [{unset_text} = per-model default ({'; '.join(per_model)})]"
+    return f" [{unset_text} = not set]"
+
+
+def _param_input(spec: MethodSpec, p: Param) -> NodeInput:
+    lo, hi = p.range if p.range is not None else (None, None)
+    optional = p.default is None and not p.required
+    tip = p.help + (" (required)" if p.required else "")
+    if p.type is bool:
+        if optional:
+            return NodeInput(p.name, "COMBO", "default", tip + _default_note(spec, p, "default"), p,
+                             options=("default", "true", "false"), unset="default")
+        return NodeInput(p.name, "BOOLEAN", bool(p.default), tip, p)
+    if p.type in (int, float):
+        is_int = p.type is int
+        minimum = lo if lo is not None else (-INT_MAX if is_int else -FLOAT_LIMIT)
+        maximum = hi if hi is not None else (INT_MAX if is_int else FLOAT_LIMIT)
+        step = 1 if is_int else 0.01
+        if optional:
+            sentinel = (lo - 1) if lo is not None else -1
+            sentinel = int(sentinel) if is_int else float(sentinel)
+            return NodeInput(p.name, "INT" if is_int else "FLOAT", sentinel, tip + _default_note(spec, p, _fmt(sentinel)), p,
+                             minimum=sentinel, maximum=maximum, step=step, unset=sentinel)
+        default = p.default if p.default is not None else (lo if lo is not None else 0)
+        return NodeInput(p.name, "INT" if is_int else "FLOAT", p.type(default), tip, p,
+                         minimum=p.type(minimum), maximum=p.type(maximum), step=step)
+    if p.type is str and p.choices:
+        options = tuple(map(str, p.choices))
+        if optional:
+            return NodeInput(p.name, "COMBO", "default", tip + _default_note(spec, p, "default"), p,
+                             options=("default", *options), unset="default")
+        return NodeInput(p.name, "COMBO", str(p.default), tip, p, options=options)
+    if p.type is tuple:
+        tip += " -- type ints separated by commas, e.g. 3,8,8"
+    default = "" if p.default is None else _fmt(p.default)
+    note = _default_note(spec, p, "empty") if optional else ""
+    # an empty tuple is never a value, so empty means "the spec's default"; for strings only when that is None
+    unset = "" if (p.type is tuple or p.default is None) else _UNSET
+    return NodeInput(p.name, "STRING", default, tip + note, p, unset=unset)
+
+
+def node_inputs(spec: MethodSpec) -> list[NodeInput]:
+    """The node inputs of a method (after ``model``): its parameters, then ``defaults_for`` if any."""
+    support = SUPPORT.get(spec.name, ComfySupport())
+    names = [p.name for p in spec.params]
+    if DEFAULTS_INPUT in names:
+        raise ValueError(f"method {spec.name!r} has a parameter named {DEFAULTS_INPUT!r}, reserved by the ComfyUI nodes")
+    out = [_param_input(spec, p) for p in spec.params if p.name not in support.hidden]
+    if spec.family_defaults:
+        keys = tuple(spec.family_defaults)
+        tip = "whose defaults fill the parameters left unset: auto = the detected model family, or " + ", ".join(keys)
+        if "wan2.2" in keys:
+            tip += " (Wan 2.2 A14B loads with the Wan 2.1 architecture in ComfyUI, so auto gives wan: pick wan2.2)"
+        out.append(NodeInput(DEFAULTS_INPUT, "COMBO", "auto", tip, options=("auto", *keys)))
+    return out
+
+
+def description(spec: MethodSpec) -> str:
+    support = SUPPORT.get(spec.name, ComfySupport())
+    models = supported_models(spec)
+    lines = [f"{spec.summary}.", f"Paper: {spec.paper}."]
+    if models:
+        lines.append("ComfyUI models: " + "; ".join(models) + ".")
+    else:
+        lines.append(f"No ComfyUI model family supports this method (its families: {', '.join(spec.families)}).")
+    missing = [f for f in spec.families if f not in COMFY_FAMILIES]
+    if missing:
+        lines.append(f"Not available in ComfyUI for: {', '.join(missing)}.")
+    if support.note:
+        lines.append(support.note)
+    if any(COMFY_FAMILIES[f].kind == "dit" for f in spec.families if f in COMFY_FAMILIES):
+        lines.append(f"DiT models need ComfyUI >= {MIN_COMFYUI}.")
+    lines.append("Steps count within one sampler run (KSamplerAdvanced start_at_step restarts the count); layer "
+                 "indices follow the diffusers processors' layer order.")
+    return "\n".join(lines)
+
+
+def apply_node(spec: MethodSpec, model, values: dict):
+    """Run a node: decode the widget ``values`` and patch a clone of ``model``."""
+    values = dict(values)
+    defaults_for = values.pop(DEFAULTS_INPUT, "auto")
+    params = {}
+    for inp in node_inputs(spec):
+        if inp.name == DEFAULTS_INPUT or inp.name not in values:
+            continue
+        value = inp.decode(values[inp.name])
+        if value is not _UNSET:
+            params[inp.name] = value
+    return apply_method(model, spec, params, defaults_for)
+
+
+MODEL_TOOLTIP = "the diffusion model to patch (a patched clone is returned; the input model is unchanged)"
+OUTPUT_TOOLTIP = "the model with the attention method applied"
+
+
+def _make_v1_node(spec: MethodSpec) -> type:
+    inputs = node_inputs(spec)
+
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's name)
+        required = {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})}
+        required.update((i.name, i.v1()) for i in inputs)
+        return {"required": required}
+
+    def patch(self, model, **values):
+        return (apply_node(spec, model, values),)
+
+    return type(_class_name(spec), (), {
+        "__module__": __name__,
+        "__doc__": f"ComfyUI node: {display_name(spec)} ({spec.summary}).",
+        "INPUT_TYPES": classmethod(INPUT_TYPES),
+        "RETURN_TYPES": ("MODEL",),
+        "RETURN_NAMES": ("model",),
+        "OUTPUT_TOOLTIPS": (OUTPUT_TOOLTIP,),
+        "FUNCTION": "patch",
+        "CATEGORY": CATEGORY,
+        "DESCRIPTION": description(spec),
+        "METHOD": spec.name,
+        "patch": patch,
+    })
+
+
+def build_node_mappings() -> tuple[dict[str, type], dict[str, str]]:
+    """``(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)`` for the registered methods (V1 nodes)."""
+    classes, names = {}, {}
+    for spec in methods().values():
+        classes[node_id(spec)] = _make_v1_node(spec)
+        names[node_id(spec)] = display_name(spec)
+    return classes, names
+
+
+def _make_v3_node(spec: MethodSpec, io) -> type:
+    inputs = node_inputs(spec)
+
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id(spec),
+            display_name=display_name(spec),
+            category=CATEGORY,
+            description=description(spec),
+            inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP), *(i.v3(io) for i in inputs)],
+            outputs=[io.Model.Output(tooltip=OUTPUT_TOOLTIP)],
+        )
+
+    def execute(cls, model, **values):
+        return io.NodeOutput(apply_node(spec, model, values))
+
+    return type(_class_name(spec), (io.ComfyNode,), {
+        "__module__": __name__,
+        "define_schema": classmethod(define_schema),
+        "execute": classmethod(execute),
+        "METHOD": spec.name,
+    })
+
+
+def build_v3_nodes(io) -> list[type]:
+    """The same nodes as V3 ``io.ComfyNode`` classes (``io`` = ``comfy_api.latest.io``)."""
+    return [_make_v3_node(spec, io) for spec in methods().values()]
