@@ -178,8 +178,10 @@ def attention_mask(method: str, layout: TokenLayout, *, family: str | None = Non
     spec = get_method(method)
     if spec.grid_pattern is None:
         raise ValueError(f"method {spec.name!r} has no attention pattern to show")
-    if family is not None and family not in spec.family_defaults and family not in FAMILIES and family not in spec.families:
-        raise ValueError(f"unknown family {family!r}; {spec.name} supports {', '.join(spec.families)}")
+    if family is not None and family not in spec.family_defaults and family not in spec.families:
+        known = "unsupported" if family in FAMILIES else "unknown"
+        raise ValueError(f"{known} family {family!r} for {spec.name}; supported: "
+                         f"{', '.join(dict.fromkeys((*spec.families, *spec.family_defaults)))}")
     resolved = spec.resolve(params, family or spec.families[0])
     pattern = spec.grid_pattern(layout, **resolved)
     return full_mask(pattern.dense_mask(), layout)
