@@ -1,7 +1,8 @@
 """``diffusion-attn``: generate, compare and inspect attention methods from the command line.
 
 Commands: ``generate`` (one run, image or video + JSON sidecar), ``compare`` (dense vs method, same seed,
-side by side), ``mask`` (picture of a method's attention pattern for a token layout), ``methods`` (the
+side by side), ``mask`` (picture of a method's attention pattern for a token layout), ``simulate`` (the
+(query tile, key tile) pairs a block-sparse kernel visits and its predicted speedup), ``methods`` (the
 registered methods and their flags), ``ui`` (the Gradio app), ``export-comfy`` (a ComfyUI custom-node
 folder). Flag names follow ``diffusers-cli run`` where they overlap (``--model/-m``, ``--dtype``,
 ``--attention-backend``, ``--output/-o``).
@@ -25,7 +26,7 @@ __all__ = ["main", "build_parser", "parse_grid"]
 #: generation / command flags' destinations; a method parameter of the same name gets a --<method>- prefix
 RESERVED = {"help", "command", "method", "model", "prompt", "height", "width", "num_frames", "steps", "guidance_scale",
             "seed", "dtype", "device", "output", "attention_backend", "progress", "warmup", "grid", "text",
-            "text_position", "family", "max_side", "host", "port", "share", "debug", "json", "directory"}
+            "text_position", "family", "max_side", "host", "port", "share", "debug", "json", "directory", "q_tile", "kv_tile"}
 
 
 def _flag(name: str) -> str:
@@ -185,6 +186,86 @@ def cmd_mask(args) -> int:
     return 0
 
 
+def _tile_list(values, flag: str) -> list:
+    """``--q-tile 64,128 --q-tile 1x8x16`` -> [64, 128, (1, 8, 16)] (commas and repeats give several)."""
+    from .kernels.simulate import parse_tile
+
+    out = []
+    for value in values:
+        for item in str(value).split(","):
+            try:
+                tile = parse_tile(item)
+            except ValueError:
+                raise ValueError(f"{flag} takes tile sizes like 128 or per-axis sizes like 1x8x16 (several separated by "
+                                 f"commas), got {value!r}") from None
+            if tile not in out:
+                out.append(tile)
+    return out
+
+
+def _tile_pairs(args) -> list[tuple]:
+    """(q tile, kv tile) settings: each q tile with itself when --kv-tile is not given, else with every
+    --kv-tile of the same kind (sequence ints / per-axis sizes)."""
+    q_tiles = _tile_list(args.q_tile or ["128"], "--q-tile")
+    if not args.kv_tile:
+        return [(t, t) for t in q_tiles]
+    kv_tiles = _tile_list(args.kv_tile, "--kv-tile")
+    pairs = [(q, k) for q in q_tiles for k in kv_tiles if isinstance(q, int) == isinstance(k, int)]
+    for tile, flag, used in [(q, "--q-tile", {p[0] for p in pairs}) for q in q_tiles] + \
+                            [(k, "--kv-tile", {p[1] for p in pairs}) for k in kv_tiles]:
+        if tile not in used:
+            other = "--kv-tile" if flag == "--q-tile" else "--q-tile"
+            kind = "a token count (sequence order)" if isinstance(tile, int) else "per-axis sizes (tiled order)"
+            raise ValueError(f"{flag} {_tile_text(tile)} is {kind} but no {other} is; give both in the same form")
+    return pairs
+
+
+def _tile_text(tile) -> str:
+    return str(tile) if isinstance(tile, int) else "x".join(map(str, tile))
+
+
+def cmd_simulate(args) -> int:
+    import inspect
+
+    from .kernels.simulate import simulate
+    from .layout import TokenLayout
+    from .viz import pattern_for
+
+    params = _method_params(args)
+    layout = TokenLayout(parse_grid(args.grid), args.text, args.text_position)
+    pairs = _tile_pairs(args)
+    spec, resolved, pattern = pattern_for(args.method, layout, family=args.family, **params)
+    shown = [n for n, p in inspect.signature(spec.grid_pattern).parameters.items()
+             if n != "layout" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    pattern_params = {n: resolved[n] for n in shown if n in resolved}
+    used = args.family or spec.families[0]  # the family whose defaults pattern_for resolved
+    family = used if used in spec.family_defaults else args.family
+    results = [simulate(pattern, layout, q_tile=q, kv_tile=k) for q, k in pairs]
+    density = results[0].density
+    if args.json:
+        print(json.dumps({"method": spec.name, "family": family, "params": pattern_params,
+                          "layout": results[0].to_dict()["layout"], "density": density,
+                          "ideal_speedup": results[0].ideal_speedup, "results": [r.to_dict() for r in results]},
+                         indent=2, default=str))
+        return 0
+    described = ", ".join(f"{k}={v[0] if isinstance(v, tuple) and len(v) == 1 else v}" for k, v in pattern_params.items())
+    print(f"{spec.name} on {layout.describe()} ({layout.num_tokens:,} tokens)"
+          + (f", {family} defaults" if family in spec.family_defaults else "") + (f": {described}" if described else ""))
+    print(f"density {density:.6f} ({100 * density:.2f}% of (query, key) pairs, text dense): "
+          f"ideal speedup 1/density = {results[0].ideal_speedup:.2f}x")
+    rows = [("order", "q tile", "kv tile", "tiles q x kv", "visited", "full", "partial", "wasted", "speedup", "of ideal")]
+    for r in results:
+        rows.append((r.order, _tile_text(r.q_tile), _tile_text(r.kv_tile), f"{r.q_tiles:,} x {r.kv_tiles:,}",
+                     f"{r.visited_tiles:,} ({100 * r.tile_density:.1f}%)", f"{r.full_tiles:,}", f"{r.partial_tiles:,}",
+                     f"{100 * r.wasted:.1f}%", f"{r.speedup:.2f}x", f"{100 * r.fraction_of_ideal:.0f}%"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    print("visited: tile pairs with an allowed pair (full: all allowed, no mask); wasted: masked pairs computed in them;\n"
+          "speedup: all / visited tile pairs, the upper bound over dense attention with the same tiles")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from . import methods
 
@@ -304,6 +385,28 @@ def build_parser() -> argparse.ArgumentParser:
     msk.add_argument("--output", "-o", default="outputs/mask.png", help="output picture (default: outputs/mask.png)")
     _add_method_flags(msk)
     msk.set_defaults(func=cmd_mask)
+
+    sim = sub.add_parser("simulate", help="predict a block-sparse kernel's speedup: (query tile, key tile) pairs visited",
+                         description="Count the (query tile, key tile) pairs a block-sparse kernel must visit for a method's "
+                                     "pattern on a token layout (text tokens dense), full and partial, and the predicted "
+                                     "upper-bound speedup over dense (all / visited tile pairs) next to the ideal 1/density. "
+                                     "Integer tiles are 1-D tiles in sequence order (FlexAttention, Triton); per-axis tiles "
+                                     "like 1x8x16 are multi-dimensional sub-box tiles (GNA's token-permuted order).")
+    sim.add_argument("--method", required=True, help="method name (see `diffusion-attn methods`)")
+    sim.add_argument("--grid", required=True, help="token grid: frames x height x width (21x30x52) or height x width (64x64)")
+    sim.add_argument("--text", type=int, default=0, help="number of text tokens in the sequence (default: 0)")
+    sim.add_argument("--text-position", dest="text_position", choices=("first", "last"), default="last",
+                     help="text before (Flux) or after (SD3, HunyuanVideo) the grid tokens (default: last)")
+    sim.add_argument("--family", help="model family whose defaults to use (default: the method's first family)")
+    sim.add_argument("--q-tile", dest="q_tile", action="append", metavar="TILE",
+                     help="query tile: tokens (128, sequence order) or per-axis sizes (1x8x16, tiled order); several "
+                          "with commas or by repeating the flag (default: 128)")
+    sim.add_argument("--kv-tile", dest="kv_tile", action="append", metavar="TILE",
+                     help="key tile, same forms; every --q-tile is paired with every --kv-tile of the same form "
+                          "(default: each query tile)")
+    sim.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_method_flags(sim)
+    sim.set_defaults(func=cmd_simulate)
 
     lst = sub.add_parser("methods", help="list the methods, their families and parameters",
                          description="List the registered methods, their model families and parameter flags.")

@@ -160,7 +160,7 @@ def test_errors_exit_nonzero(capsys):
 
 def test_help_on_every_command(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"generate", "compare", "mask", "methods", "ui", "export-comfy"}
+    assert set(commands) == {"generate", "compare", "mask", "methods", "simulate", "ui", "export-comfy"}
     for name in commands:
         assert main([name, "--help"]) == 0
         assert f"usage: diffusion-attn {name}" in capsys.readouterr().out
