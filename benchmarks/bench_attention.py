@@ -12,9 +12,11 @@ Per case (method x shape) it reports:
   (text tokens are always dense); visited density: the pairs the tiles actually compute (masked pairs
   included) / S^2;
 * build: wall time of the first call's setup, once per layout: the pattern plus its tile schedule
-  (what the processors cache in the run context);
+  (gather) or its BlockMask (flex), what the processors cache in the run context;
 * dense / sparse: median wall time of dense SDPA (``diffusion_attn.kernels.sdpa``, what the stock
-  processor runs) and of ``pattern_attention(..., backend="gather", schedule=...)`` on the same q, k, v.
+  processor runs) and of ``pattern_attention(..., backend=<case backend>, schedule= / block_mask=...)``
+  on the same q, k, v. Backends: ``gather`` (tiled gather + SDPA) and, for radial, ``flex`` (compiled
+  FlexAttention; its first call compiles, reported as "first call s" and excluded from the medians).
   Dense and sparse repeats are interleaved (D S D S ..., order alternating) in the same process so that
   load from other processes on a shared machine hits both alike; the medians are reported;
 * speedup = dense / sparse; ideal = 1 / density; efficiency = speedup / ideal = speedup * density
@@ -59,6 +61,8 @@ if str(ROOT) not in sys.path:
 
 from diffusion_attn import TokenLayout  # noqa: E402
 from diffusion_attn.kernels import build_schedule, pattern_attention, sdpa  # noqa: E402
+from diffusion_attn.kernels.flex import FLEX_BLOCK, block_occupancy, flex_block_mask  # noqa: E402
+from diffusion_attn.kernels.simulate import predicted_speedup  # noqa: E402
 from diffusion_attn.patterns import neighborhood_pattern, radial_pattern, shifted_window_pattern  # noqa: E402
 
 DATE = "2026-11-21"
@@ -83,6 +87,7 @@ class Case:
     head_dim: int
     text_len: int = 0
     text_position: str = "last"
+    backend: str = "gather"  # gather | flex
 
     @property
     def layout(self) -> TokenLayout:
@@ -105,6 +110,8 @@ def wan_cases(grid, heads, tag, window, strided_stride) -> list[Case]:
     t = f"Wan-1.3B 480p {tag}"
     return [
         Case(f"radial-wan-{tag}", "radial", t, grid, "decay 0.2, sink (Wan defaults)", _radial(0.2, True), heads, 12, 128),
+        Case(f"radial-wan-{tag}-flex", "radial", t, grid, "decay 0.2, sink (Wan defaults)", _radial(0.2, True), heads, 12, 128,
+             backend="flex"),
         Case(f"gna-sliding-wan-{tag}", "gna", t, grid, f"window {window}, stride 1", _gna(window, 1), heads, 12, 128),
         Case(f"gna-strided-wan-{tag}", "gna", t, grid, f"window {window}, stride {strided_stride}", _gna(window, strided_stride), heads, 12, 128),
         Case(f"gna-blocked-wan-{tag}", "gna", t, grid, f"window = stride = {window}", _gna(window, window), heads, 12, 128),
@@ -138,6 +145,8 @@ def full_cases() -> list[Case]:
 def quick_cases() -> list[Case]:
     return [
         Case("radial-quick", "radial", "video (quick)", (4, 16, 32), "decay 0.2, sink", _radial(0.2, True), 2, 2, 64),
+        Case("radial-quick-flex", "radial", "video (quick)", (4, 16, 32), "decay 0.2, sink", _radial(0.2, True), 2, 2, 64,
+             backend="flex"),
         Case("gna-sliding-quick", "gna", "video (quick)", (4, 16, 32), "window (3, 7, 11), stride 1", _gna((3, 7, 11)), 2, 2, 64),
         Case("gna-strided-quick", "gna", "video (quick)", (4, 16, 32), "window (3, 8, 8), stride (1, 4, 4)", _gna((3, 8, 8), (1, 4, 4)), 2, 2, 64),
         Case("gna-blocked-quick", "gna", "video (quick)", (4, 16, 32), "window = stride = (2, 8, 8)", _gna((2, 8, 8), (2, 8, 8)), 2, 2, 64),
@@ -162,25 +171,35 @@ def make_qkv(case: Case, seed: int = 0):
 
 
 def build(case: Case):
+    """The pattern and what the kernel caches per layout (gather: tile schedule; flex: BlockMask), timed."""
     t0 = time.perf_counter()
     pattern = case.make_pattern(case.grid)
-    schedule = build_schedule(pattern)
-    return pattern, schedule, time.perf_counter() - t0
+    if case.backend == "flex":
+        prepared = flex_block_mask(pattern, case.layout, occupancy=block_occupancy(pattern, case.layout))
+    else:
+        prepared = build_schedule(pattern)
+    return pattern, prepared, time.perf_counter() - t0
 
 
-def seq_pairs(case: Case, schedule) -> tuple[float, float]:
+def seq_pairs(case: Case, pattern, prepared) -> tuple[float, float]:
     """(allowed, visited) pairs over the whole sequence: text rows and columns are dense."""
     n, t = case.layout.num_image, case.text_len
     s = n + t
-    allowed = schedule.allowed_pairs + 2 * n * t + t * t
-    visited = schedule.visited_pairs + n * t + t * s
+    allowed = pattern.allowed_pairs() + 2 * n * t + t * t
+    if case.backend == "flex":  # visited 128 x 128 tiles (the partial last tile counted whole)
+        any_, _ = block_occupancy(pattern, case.layout)
+        return allowed / s**2, min(1.0, float(any_.sum()) * FLEX_BLOCK**2 / s**2)
+    visited = prepared.visited_pairs + n * t + t * s
     return allowed / s**2, visited / s**2
 
 
-def runners(case: Case, pattern, schedule, q, k, v):
+def runners(case: Case, pattern, prepared, q, k, v):
     layout = case.layout
     dense = lambda: sdpa(q, k, v)  # noqa: E731
-    sparse = lambda: pattern_attention(q, k, v, pattern, layout, backend="gather", schedule=schedule)  # noqa: E731
+    if case.backend == "flex":
+        sparse = lambda: pattern_attention(q, k, v, pattern, layout, backend="flex", block_mask=prepared)  # noqa: E731
+    else:
+        sparse = lambda: pattern_attention(q, k, v, pattern, layout, backend="gather", schedule=prepared)  # noqa: E731
     return dense, sparse
 
 
@@ -233,9 +252,11 @@ def largest_tensor(fn):
 def child_memory(case: Case, variant: str) -> dict:
     """Run once in this (fresh) process; report the peak RSS growth of the call."""
     q, k, v = make_qkv(case)
-    pattern, schedule, _ = build(case)
-    dense, sparse = runners(case, pattern, schedule, q, k, v)
+    pattern, prepared, _ = build(case)
+    dense, sparse = runners(case, pattern, prepared, q, k, v)
     fn = dense if variant == "dense" else sparse
+    if variant != "dense" and case.backend == "flex":
+        fn()  # compile first: the steady-state call is what is measured
     import resource
 
     reset = True
@@ -275,15 +296,24 @@ def run_case(case: Case, args, cache: dict) -> dict:
     layout = case.layout
     s = layout.num_tokens
     q, k, v = make_qkv(case)
-    pattern, schedule, build_s = build(case)
-    density, visited = seq_pairs(case, schedule)
-    dense, sparse = runners(case, pattern, schedule, q, k, v)
+    pattern, prepared, build_s = build(case)
+    density, visited = seq_pairs(case, pattern, prepared)
+    dense, sparse = runners(case, pattern, prepared, q, k, v)
     shape_key = (case.grid, case.text_len, case.heads, case.head_dim)
-    # first sparse call (untimed): sanity of the output, and the largest tensor any op returns during it
-    out, largest = largest_tensor(sparse)
+    first_call_s = None
+    if case.backend == "flex":
+        # the first call compiles (once per process and shape); compiled code bypasses the dispatch-mode
+        # probe, so the S x S check does not apply: flex reads block-level masks by construction
+        t0 = time.perf_counter()
+        out = sparse()
+        first_call_s = time.perf_counter() - t0
+        largest = dict(numel=0, shape=[], op="compiled flex_attention (not traced)")
+    else:
+        # first sparse call (untimed): the largest tensor any op returns during it
+        out, largest = largest_tensor(sparse)
     assert out.shape == q.shape and bool(torch.isfinite(out).all()), f"{case.name}: bad sparse output"
     del out
-    if s >= ASSERT_MIN_TOKENS:
+    if s >= ASSERT_MIN_TOKENS and case.backend != "flex":
         assert largest["numel"] < s * s, (
             f"{case.name}: the sparse path built a tensor of {largest['numel']:,} >= S^2 = {s * s:,} elements "
             f"({largest['op']} {largest['shape']})")
@@ -293,10 +323,12 @@ def run_case(case: Case, args, cache: dict) -> dict:
     row = dict(
         name=case.name, method=case.method, model=case.model, config=case.config, grid=list(case.grid),
         text_len=case.text_len, tokens=s, heads=case.heads, model_heads=case.model_heads, head_dim=case.head_dim,
-        grid_density=schedule.density, density=density, visited_density=visited, build_s=build_s,
+        backend=case.backend, first_call_s=first_call_s, grid_density=pattern.density, density=density, visited_density=visited, build_s=build_s,
         dense_s=statistics.median(td), sparse_s=statistics.median(ts), dense_all=td, sparse_all=ts,
     )
     row["speedup"] = row["dense_s"] / row["sparse_s"]
+    # tile-level upper bound: flex from the simulator's 128 x 128 tiles, gather from its exact schedule work
+    row["predicted"] = predicted_speedup(pattern, layout, "flex").speedup if case.backend == "flex" else 1.0 / visited
     row["efficiency"] = row["speedup"] * density
     row["visited_efficiency"] = row["speedup"] * visited
     row["largest_sparse"], row["largest_dense"] = largest, cache[shape_key]["largest"]
@@ -433,25 +465,30 @@ def markdown(rows: list[dict], hidi: list[dict] | str, meta: dict, errors=()) ->
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']}. Times are medians of {meta['repeats']} interleaved dense/sparse repeats (wall clock, shared machine).",
         "",
-        "| case | model | config | grid | tokens | heads x dim (timed/model) | density | visited | build s | dense s | sparse s | speedup | ideal 1/density | efficiency | eff. vs visited | peak MB dense / sparse | largest sparse tensor / S^2 |",
-        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| case | model | config | backend | grid | tokens | heads x dim (timed/model) | density | visited | build s | first call s | dense s | sparse s | speedup | predicted | measured / predicted | ideal 1/density | efficiency | eff. vs visited | peak MB dense / sparse | largest sparse tensor / S^2 |",
+        "|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         md, ms = r.get("mem_dense"), r.get("mem_sparse")
         mem = f"{fmt_mb(md and md['peak_bytes'])} / {fmt_mb(ms and ms['peak_bytes'])}" if "mem_sparse" in r else "not measured"
-        largest = f"{r['largest_sparse']['numel'] / r['tokens']**2:.3f}"
+        largest = "n/a (compiled)" if r.get("backend") == "flex" else f"{r['largest_sparse']['numel'] / r['tokens']**2:.3f}"
+        first = f"{r['first_call_s']:.1f}" if r.get("first_call_s") is not None else "-"
         lines.append(
-            f"| {r['name']} | {r['model']} | {r['config']} | {grid_str(r)} | {r['tokens']:,} | "
+            f"| {r['name']} | {r['model']} | {r['config']} | {r.get('backend', 'gather')} | {grid_str(r)} | {r['tokens']:,} | "
             f"{r['heads']}/{r['model_heads']} x {r['head_dim']} | {r['density']:.1%} | {r['visited_density']:.1%} | "
-            f"{r['build_s']:.2f} | {r['dense_s']:.2f} | {r['sparse_s']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['build_s']:.2f} | {first} | {r['dense_s']:.2f} | {r['sparse_s']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['predicted']:.2f}x | {r['speedup'] / r['predicted']:.2f} | "
             f"{1 / r['density']:.1f}x | {r['efficiency']:.2f} | {r['visited_efficiency']:.2f} | {mem} | {largest} |"
         )
     lines += [
         "",
         "density / visited: allowed / computed (query, key) pairs over S^2, text rows and columns included. "
+        "predicted: the tile-level upper bound on the speedup (`diffusion-attn simulate`; flex: 128 x 128 tiles, "
+        "gather: 1 / visited of its schedule). "
         "efficiency = speedup x density; eff. vs visited = speedup x visited density (how fast the kernel is per "
         "computed pair, relative to dense SDPA: below 1 = gather / mask / small-tile overhead). peak MB: resident-set growth during one call in a fresh process "
-        "(inputs and the prebuilt schedule excluded). largest sparse tensor: elements of the largest tensor "
+        "(inputs and the prebuilt schedule excluded; flex: the call after the compiling one). first call s: flex's "
+        "compile + first run, once per process and shape. largest sparse tensor: elements of the largest tensor "
         f"any op returned during the first sparse call, over S^2 (asserted < 1 from {ASSERT_MIN_TOKENS} tokens on: "
         "no S x S tensor).",
         "",

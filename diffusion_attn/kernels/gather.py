@@ -26,7 +26,7 @@ def gather_attention(
     extra_v: torch.Tensor | None = None,
     extra_valid: torch.Tensor | None = None,
     scale: float | None = None,
-    max_chunk_bytes: int = 256 * 2**20,
+    max_chunk_bytes: int = 64 * 2**20,
 ) -> torch.Tensor:
     """Attention of grid queries over grid keys (by ``schedule``) plus optional extra dense keys.
 
