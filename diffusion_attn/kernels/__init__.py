@@ -10,10 +10,12 @@ from .flex import block_occupancy, flex_attention_call, flex_available, flex_blo
 from .gather import gather_attention
 from .reference import full_mask, masked_attention, sdpa
 from .tiling import build_schedule, choose_tiles
+from .triton_sparse import build_triton_layout, triton_available, triton_pattern_attention
 
 __all__ = [
     "BACKENDS",
     "build_schedule",
+    "build_triton_layout",
     "choose_backend",
     "choose_tiles",
     "flex_available",
@@ -23,13 +25,17 @@ __all__ = [
     "pattern_attention",
     "prepared_attention",
     "sdpa",
+    "triton_available",
+    "triton_pattern_attention",
 ]
 
 #: ``auto`` picks one of the others: ``dense`` (plain SDPA, only for a pattern that allows everything),
+#: ``triton`` (the Triton block-sparse kernel, CUDA; opt-in until it has been validated and timed on a
+#: GPU -- it is tested under TRITON_INTERPRET=1 only),
 #: ``reference`` (SDPA with the full boolean mask; small sequences), ``flex`` (compiled FlexAttention,
 #: which skips masked blocks; block patterns on long sequences, where it runs) or ``gather`` (tiled
 #: gather + SDPA; box patterns, and block patterns where flex does not run).
-BACKENDS = ("auto", "gather", "flex", "reference", "dense")
+BACKENDS = ("auto", "gather", "flex", "triton", "reference", "dense")
 
 #: Below this many tokens the masked dense call is cheaper than gathering tiles.
 SMALL_SEQUENCE = 2048
@@ -50,6 +56,9 @@ def choose_backend(pattern, layout: TokenLayout, backend: str = "auto", device=N
     if backend == "flex" and not flex_available(device_type):
         raise RuntimeError(f"backend='flex' needs torch.compile to work on {device_type} (torch >= 2.5 and, on CPU, "
                            "a C++ compiler); use backend='gather' or 'auto'")
+    if backend == "triton" and not triton_available(device_type):
+        raise RuntimeError(f"backend='triton' needs triton (pip install \"diffusion-attn[kernels]\") and a CUDA device, "
+                           f"got {device_type}; use backend='gather' or 'auto'")
     if backend != "auto":
         return backend
     if layout.num_tokens <= SMALL_SEQUENCE:
@@ -70,6 +79,7 @@ def pattern_attention(
     backend: str = "auto",
     schedule=None,
     block_mask=None,
+    triton_layout=None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence laid out as ``layout`` (grid + text), restricted by ``pattern`` on the grid.
@@ -77,7 +87,7 @@ def pattern_attention(
     ``q, k, v``: (B, S, heads, head_dim), ``S = layout.num_tokens``. Text queries attend to every key,
     grid queries to their pattern's grid keys and to every text key. ``key_padding_mask`` (B, S) bool,
     True = real token; only text tokens may be padded. ``schedule``: a prebuilt schedule for ``pattern``
-    on ``q.device`` (callers cache it per layout).
+    on ``q.device`` (callers cache it per layout); ``triton_layout`` likewise for ``backend="triton"``.
     """
     if q.shape[1] != layout.num_tokens or k.shape[1] != layout.num_tokens:
         raise ValueError(f"sequence length {q.shape[1]} does not match the layout {layout.describe()} ({layout.num_tokens} tokens)")
@@ -96,6 +106,10 @@ def pattern_attention(
             block_mask = flex_block_mask(pattern, layout, key_padding_mask=kpm, device=q.device)
         out = flex_attention_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask, scale)
         return out.transpose(1, 2)
+    if chosen == "triton":
+        if triton_layout is None:
+            triton_layout = build_triton_layout(pattern, layout, device=q.device)
+        return triton_pattern_attention(q, k, v, triton_layout, layout, kpm, scale)
     img, txt = layout.image_slice, layout.text_slice
     if schedule is None:
         schedule = build_schedule(pattern).to(q.device)
@@ -122,7 +136,7 @@ def prepared_attention(q, k, v, pattern, layout: TokenLayout, *, cached, key, ke
     per layout and device; the flex BlockMask too unless text padding makes it per call."""
     chosen = choose_backend(pattern, layout, backend, q.device)
     kpm = None if key_padding_mask is None or bool(key_padding_mask.all()) else key_padding_mask
-    schedule = block_mask = None
+    schedule = block_mask = triton_layout = None
     dev = str(q.device)
     if chosen == "gather":
         schedule = cached(("schedule", key, dev), lambda: build_schedule(pattern).to(q.device))
@@ -130,5 +144,9 @@ def prepared_attention(q, k, v, pattern, layout: TokenLayout, *, cached, key, ke
         occupancy = cached(("flex-occupancy", key), lambda: block_occupancy(pattern, layout))
         build = lambda: flex_block_mask(pattern, layout, key_padding_mask=kpm, device=q.device, occupancy=occupancy)  # noqa: E731
         block_mask = build() if kpm is not None else cached(("flex-mask", key, dev), build)
+    elif chosen == "triton":  # padding is applied in the kernel: the layout is cached even with padding
+        occupancy = cached(("flex-occupancy", key), lambda: block_occupancy(pattern, layout))  # the flex cache: block 128
+        triton_layout = cached(("triton-layout", key, dev),
+                               lambda: build_triton_layout(pattern, layout, occupancy=occupancy, device=q.device))
     return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=chosen,
-                             schedule=schedule, block_mask=block_mask, scale=scale)
+                             schedule=schedule, block_mask=block_mask, triton_layout=triton_layout, scale=scale)

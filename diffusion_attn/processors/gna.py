@@ -60,8 +60,8 @@ def _install(model, family, context, params):
 PLACEMENT = (
     Param("dense_layers", int, 0, "keep the first N attention layers dense", range=(0, None)),
     Param("dense_steps", int, 0, "keep the first N denoising steps dense (warm-up)", range=(0, None)),
-    Param("backend", str, "auto", "kernel: auto, gather (tiled), flex (compiled FlexAttention), reference (dense mask), dense",
-          choices=("auto", "gather", "flex", "reference", "dense")),
+    Param("backend", str, "auto", "kernel: auto, gather (tiled), flex (compiled FlexAttention), triton (CUDA block-sparse), "
+          "reference (dense mask), dense", choices=("auto", "gather", "flex", "triton", "reference", "dense")),
 )
 
 SPEC = register(MethodSpec(
