@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from ..layout import TokenLayout
-from ..patterns.base import BlockPattern
+from ..patterns.base import BlockPattern, BoxPattern
+from . import natten_adapter, xformers_adapter
 from .flex import block_occupancy, flex_attention_call, flex_available, flex_block_mask
 from .gather import gather_attention
 from .reference import full_mask, masked_attention, sdpa
 from .tiling import build_schedule, choose_tiles
 from .triton_sparse import build_triton_layout, triton_available, triton_pattern_attention
+from .windows import WindowPlan, window_attention, window_partition
 
 __all__ = [
     "BACKENDS",
@@ -27,15 +29,19 @@ __all__ = [
     "sdpa",
     "triton_available",
     "triton_pattern_attention",
+    "window_attention",
+    "window_partition",
 ]
 
-#: ``auto`` picks one of the others: ``dense`` (plain SDPA, only for a pattern that allows everything),
-#: ``triton`` (the Triton block-sparse kernel, CUDA; opt-in until it has been validated and timed on a
-#: GPU -- it is tested under TRITON_INTERPRET=1 only),
-#: ``reference`` (SDPA with the full boolean mask; small sequences), ``flex`` (compiled FlexAttention,
-#: which skips masked blocks; block patterns on long sequences, where it runs) or ``gather`` (tiled
-#: gather + SDPA; box patterns, and block patterns where flex does not run).
-BACKENDS = ("auto", "gather", "flex", "triton", "reference", "dense")
+#: ``auto`` picks one of: ``dense`` (plain SDPA, only for a pattern that allows everything),
+#: ``windows`` (reshape into non-overlapping windows + SDPA; patterns whose windows partition the grid:
+#: blocked GNA, HiDiffusion's shifted windows), ``reference`` (SDPA with the full boolean mask; small
+#: sequences), ``flex`` (compiled FlexAttention, which skips masked blocks; block patterns on long
+#: sequences, where it runs) or ``gather`` (tiled gather + SDPA; the rest).
+#: Opt-in only: ``triton`` (the Triton block-sparse kernel, CUDA; until it has been validated and timed
+#: on a GPU -- it is tested under TRITON_INTERPRET=1), ``natten`` (NATTEN's na1d/2d/3d for GNA
+#: patterns) and ``xformers`` (CUDA, window partitions as one block-diagonal call).
+BACKENDS = ("auto", "gather", "windows", "flex", "triton", "natten", "xformers", "reference", "dense")
 
 #: Below this many tokens the masked dense call is cheaper than gathering tiles.
 SMALL_SEQUENCE = 2048
@@ -44,8 +50,10 @@ SMALL_SEQUENCE = 2048
 FLEX_MIN_TOKENS = 8192
 
 
-def choose_backend(pattern, layout: TokenLayout, backend: str = "auto", device=None) -> str:
-    """The backend that runs ``pattern`` on ``layout``: ``backend`` itself unless it is ``auto``."""
+def choose_backend(pattern, layout: TokenLayout, backend: str = "auto", device=None,
+                   window_plan: WindowPlan | None = None) -> str:
+    """The backend that runs ``pattern`` on ``layout``: ``backend`` itself unless it is ``auto``.
+    ``window_plan``: a cached :func:`window_partition` of ``pattern`` (computed here when needed)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if pattern.is_full():
@@ -59,8 +67,25 @@ def choose_backend(pattern, layout: TokenLayout, backend: str = "auto", device=N
     if backend == "triton" and not triton_available(device_type):
         raise RuntimeError(f"backend='triton' needs triton (pip install \"diffusion-attn[kernels]\") and a CUDA device, "
                            f"got {device_type}; use backend='gather' or 'auto'")
+    plan = window_plan
+    if plan is None and backend in ("auto", "windows", "xformers"):
+        plan = window_partition(pattern)
+    if backend in ("windows", "xformers") and plan is None:
+        raise ValueError(f"backend={backend!r} needs a pattern whose windows partition the grid (blocked GNA with "
+                         "stride == window, HiDiffusion's shifted windows); use backend='gather' or 'auto'")
+    if backend == "xformers":
+        xformers_adapter.require()
+        if device_type != "cuda":
+            raise RuntimeError("backend='xformers' runs on CUDA only; use backend='windows' on CPU")
+    if backend == "natten":
+        natten_adapter.require()
+        if not natten_adapter.supports(pattern, layout):
+            raise ValueError("backend='natten' runs generalized neighborhood attention patterns only "
+                             "(GNA, optionally cyclically shifted); use backend='gather' or 'auto'")
     if backend != "auto":
         return backend
+    if plan is not None:  # measured: as fast as gather on even windows, faster with borders or text
+        return "windows"
     if layout.num_tokens <= SMALL_SEQUENCE:
         return "reference"
     if isinstance(pattern, BlockPattern) and layout.num_tokens >= FLEX_MIN_TOKENS and flex_available(device_type):
@@ -80,6 +105,7 @@ def pattern_attention(
     schedule=None,
     block_mask=None,
     triton_layout=None,
+    window_plan: WindowPlan | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence laid out as ``layout`` (grid + text), restricted by ``pattern`` on the grid.
@@ -87,7 +113,8 @@ def pattern_attention(
     ``q, k, v``: (B, S, heads, head_dim), ``S = layout.num_tokens``. Text queries attend to every key,
     grid queries to their pattern's grid keys and to every text key. ``key_padding_mask`` (B, S) bool,
     True = real token; only text tokens may be padded. ``schedule``: a prebuilt schedule for ``pattern``
-    on ``q.device`` (callers cache it per layout); ``triton_layout`` likewise for ``backend="triton"``.
+    on ``q.device`` (callers cache it per layout); ``block_mask`` (flex), ``triton_layout`` and
+    ``window_plan`` likewise for their backends (see :func:`prepared_attention`).
     """
     if q.shape[1] != layout.num_tokens or k.shape[1] != layout.num_tokens:
         raise ValueError(f"sequence length {q.shape[1]} does not match the layout {layout.describe()} ({layout.num_tokens} tokens)")
@@ -96,7 +123,7 @@ def pattern_attention(
         raise ValueError("key_padding_mask may only mask text tokens")
     if kpm is not None and bool(kpm.all()):
         kpm = None
-    chosen = choose_backend(pattern, layout, backend, q.device)
+    chosen = choose_backend(pattern, layout, backend, q.device, window_plan)
     if chosen == "dense":
         return sdpa(q, k, v, None if kpm is None else kpm[:, None, None, :], scale)
     if chosen == "reference":
@@ -106,6 +133,12 @@ def pattern_attention(
             block_mask = flex_block_mask(pattern, layout, key_padding_mask=kpm, device=q.device)
         out = flex_attention_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask, scale)
         return out.transpose(1, 2)
+    if chosen in ("windows", "xformers"):
+        plan = window_plan if window_plan is not None else window_partition(pattern)
+        run = window_attention if chosen == "windows" else xformers_adapter.xformers_attention
+        return run(q, k, v, plan, layout, key_padding_mask=kpm, scale=scale)
+    if chosen == "natten":
+        return natten_adapter.natten_attention(q, k, v, pattern, layout, key_padding_mask=kpm, scale=scale)
     if chosen == "triton":
         if triton_layout is None:
             triton_layout = build_triton_layout(pattern, layout, device=q.device)
@@ -134,7 +167,10 @@ def prepared_attention(q, k, v, pattern, layout: TokenLayout, *, cached, key, ke
     stored value or stores ``build()`` (a run context's ``cached``, or a dict-backed equivalent);
     ``key`` identifies the pattern. The gather schedule and the flex block occupancy are built once
     per layout and device; the flex BlockMask too unless text padding makes it per call."""
-    chosen = choose_backend(pattern, layout, backend, q.device)
+    window_plan = None
+    if isinstance(pattern, BoxPattern):
+        window_plan = cached(("window-plan", key), lambda: window_partition(pattern))
+    chosen = choose_backend(pattern, layout, backend, q.device, window_plan)
     kpm = None if key_padding_mask is None or bool(key_padding_mask.all()) else key_padding_mask
     schedule = block_mask = triton_layout = None
     dev = str(q.device)
@@ -148,5 +184,7 @@ def prepared_attention(q, k, v, pattern, layout: TokenLayout, *, cached, key, ke
         occupancy = cached(("flex-occupancy", key), lambda: block_occupancy(pattern, layout))  # the flex cache: block 128
         triton_layout = cached(("triton-layout", key, dev),
                                lambda: build_triton_layout(pattern, layout, occupancy=occupancy, device=q.device))
-    return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=chosen,
-                             schedule=schedule, block_mask=block_mask, triton_layout=triton_layout, scale=scale)
+    if window_plan is not None:
+        window_plan.to(q.device)
+    return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=chosen, schedule=schedule,
+                             block_mask=block_mask, triton_layout=triton_layout, window_plan=window_plan, scale=scale)
