@@ -9,7 +9,7 @@ from ..patterns.base import BlockPattern, BoxPattern
 from . import natten_adapter, xformers_adapter
 from .flex import block_occupancy, flex_attention_call, flex_available, flex_block_mask
 from .gather import gather_attention
-from .reference import full_mask, masked_attention, sdpa
+from .reference import check_inputs, full_mask, masked_attention, sdpa
 from .tiling import build_schedule, choose_tiles
 from .triton_sparse import build_triton_layout, triton_available, triton_pattern_attention
 from .windows import WindowPlan, window_attention, window_partition
@@ -116,13 +116,7 @@ def pattern_attention(
     on ``q.device`` (callers cache it per layout); ``block_mask`` (flex), ``triton_layout`` and
     ``window_plan`` likewise for their backends (see :func:`prepared_attention`).
     """
-    if q.shape[1] != layout.num_tokens or k.shape[1] != layout.num_tokens:
-        raise ValueError(f"sequence length {q.shape[1]} does not match the layout {layout.describe()} ({layout.num_tokens} tokens)")
-    kpm = None if key_padding_mask is None else key_padding_mask.bool()
-    if kpm is not None and not bool(kpm[:, layout.image_slice].all()):
-        raise ValueError("key_padding_mask may only mask text tokens")
-    if kpm is not None and bool(kpm.all()):
-        kpm = None
+    kpm = check_inputs(q, k, layout, key_padding_mask)
     chosen = choose_backend(pattern, layout, backend, q.device, window_plan)
     if chosen == "dense":
         return sdpa(q, k, v, None if kpm is None else kpm[:, None, None, :], scale)

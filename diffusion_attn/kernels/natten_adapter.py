@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..layout import TokenLayout
 from ..patterns.base import BoxPattern
 from ..patterns.neighborhood import neighborhood_axis
+from .reference import check_inputs
 
 __all__ = ["GNAParams", "available", "can_run", "gna_params", "natten_attention", "require", "supports"]
 
@@ -167,17 +168,11 @@ def natten_attention(
     if params is None:
         raise ValueError("the 'natten' backend runs generalized neighborhood attention patterns only "
                          "(GNA, optionally cyclically shifted); use backend='gather'")
-    if q.shape[1] != layout.num_tokens or k.shape[1] != layout.num_tokens:
-        raise ValueError(f"sequence length {q.shape[1]} does not match the layout {layout.describe()} ({layout.num_tokens} tokens)")
     B, S, H, D = q.shape
     img, txt = layout.image_slice, layout.text_slice
     grid = tuple(layout.grid)
     nd = len(grid)
-    kpm = None if key_padding_mask is None else key_padding_mask.to(q.device).bool()
-    if kpm is not None and not bool(kpm[:, img].all()):
-        raise ValueError("key_padding_mask may only mask text tokens")
-    if kpm is not None and bool(kpm.all()):
-        kpm = None
+    kpm = check_inputs(q, k, layout, key_padding_mask)
     shifts = tuple(-s for s in params.shift) if any(params.shift) else None
     dims = tuple(range(1, nd + 1))
 

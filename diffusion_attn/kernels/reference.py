@@ -7,7 +7,21 @@ import torch.nn.functional as F
 
 from ..layout import TokenLayout
 
-__all__ = ["full_mask", "masked_attention", "sdpa"]
+__all__ = ["check_inputs", "full_mask", "masked_attention", "sdpa"]
+
+
+def check_inputs(q, k, layout: TokenLayout, key_padding_mask=None):
+    """The checks every kernel entry shares: q / k lengths match ``layout``; ``key_padding_mask``
+    (B, S) bool (True = real token) masks text tokens only. Returns the mask on ``q.device``, or None
+    when absent or all True."""
+    if q.shape[1] != layout.num_tokens or k.shape[1] != layout.num_tokens:
+        raise ValueError(f"sequence length {q.shape[1]} does not match the layout {layout.describe()} ({layout.num_tokens} tokens)")
+    if key_padding_mask is None:
+        return None
+    kpm = key_padding_mask.to(q.device).bool()
+    if not bool(kpm[:, layout.image_slice].all()):
+        raise ValueError("key_padding_mask may only mask text tokens")
+    return None if bool(kpm.all()) else kpm
 
 
 def sdpa(q, k, v, mask=None, scale=None):

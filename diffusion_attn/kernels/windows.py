@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..layout import TokenLayout
 from ..patterns.base import AxisWindows, BoxPattern
+from .reference import check_inputs
 
 __all__ = ["AxisGroup", "WindowPlan", "window_attention", "window_partition", "MAX_WINDOW_SHAPES"]
 
@@ -233,16 +234,10 @@ def window_attention(
     tokens may be padded. Returns (B, S, heads, head_dim_v)."""
     if tuple(layout.grid) != tuple(plan.grid):
         raise ValueError(f"window plan is for grid {plan.grid}, layout has {layout.grid}")
-    if q.shape[1] != layout.num_tokens or k.shape[1] != layout.num_tokens:
-        raise ValueError(f"sequence length {q.shape[1]} does not match the layout {layout.describe()} ({layout.num_tokens} tokens)")
     B, S, H, D = q.shape
     Dv = v.shape[-1]
     img, txt = layout.image_slice, layout.text_slice
-    kpm = None if key_padding_mask is None else key_padding_mask.to(q.device).bool()
-    if kpm is not None and not bool(kpm[:, img].all()):
-        raise ValueError("key_padding_mask may only mask text tokens")
-    if kpm is not None and bool(kpm.all()):
-        kpm = None
+    kpm = check_inputs(q, k, layout, key_padding_mask)
     X = layout.text_len
 
     out = q.new_empty(B, S, H, Dv)

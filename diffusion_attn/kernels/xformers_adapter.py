@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import TokenLayout
+from .reference import check_inputs
 from .windows import WindowPlan, _windows, window_partition
 
 __all__ = ["available", "require", "supports", "xformers_attention"]
@@ -78,16 +79,10 @@ def xformers_attention(
     xops = require()
     if tuple(layout.grid) != tuple(plan.grid):
         raise ValueError(f"window plan is for grid {plan.grid}, layout has {layout.grid}")
-    if q.shape[1] != layout.num_tokens or k.shape[1] != layout.num_tokens:
-        raise ValueError(f"sequence length {q.shape[1]} does not match the layout {layout.describe()} ({layout.num_tokens} tokens)")
     B, S, H, D = q.shape
     Dv = v.shape[-1]
     img, txt = layout.image_slice, layout.text_slice
-    kpm = None if key_padding_mask is None else key_padding_mask.to(q.device).bool()
-    if kpm is not None and not bool(kpm[:, img].all()):
-        raise ValueError("key_padding_mask may only mask text tokens")
-    if kpm is not None and bool(kpm.all()):
-        kpm = None
+    kpm = check_inputs(q, k, layout, key_padding_mask)
 
     qi, ki, vi = q[:, img], k[:, img], v[:, img]
     perms = plan.perm_on(q.device)
