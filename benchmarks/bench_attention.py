@@ -446,7 +446,8 @@ def grid_str(row) -> str:
     return g + (f" + {row['text_len']} text" if row["text_len"] else "")
 
 
-def machine_info(threads: int) -> dict:
+def cpu_model() -> str:
+    """``lscpu``'s model name (also used by bench_denoiser.py)."""
     model = platform.processor() or "unknown"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -455,7 +456,11 @@ def machine_info(threads: int) -> dict:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return dict(cpu=model, cores=os.cpu_count(), threads=threads, torch=torch.__version__,
+    return model
+
+
+def machine_info(threads: int) -> dict:
+    return dict(cpu=cpu_model(), cores=os.cpu_count(), threads=threads, torch=torch.__version__,
                 python=platform.python_version())
 
 

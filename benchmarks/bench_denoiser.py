@@ -66,7 +66,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -601,14 +600,9 @@ def fmt_x(x) -> str:
 
 
 def machine_info(threads: int) -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    from bench_attention import cpu_model  # same folder (the script's own directory is on sys.path)
+
+    model = cpu_model()
     import diffusers
 
     try:
