@@ -142,6 +142,23 @@ def full_cases() -> list[Case]:
     return cases
 
 
+def large_cases() -> list[Case]:
+    """The issue's large shapes, one head timed (dense SDPA alone takes 20-70 s per head here):
+    Wan 2.1 14B 720p 81 frames (40 heads x 128; 1280x720 -> latent 90x160 -> patch 2 -> 45x80 per
+    frame), HunyuanVideo 720p in the GNA paper's layout (30x48x80, 24 heads x 128, 256 text tokens
+    last) and Flux.1 at 4096^2 (256x256 + 512 text first) with the GNA paper's 4K window."""
+    return [
+        Case("radial-wan14b-720p-81f-flex", "radial", "Wan-14B 720p 81f", (21, 45, 80), "decay 0.2, sink (Wan defaults)",
+             _radial(0.2, True), 1, 40, 128, backend="flex"),
+        Case("radial-hunyuan-720p-flex", "radial", "HunyuanVideo 720p", (30, 48, 80), "decay 0.95 (HunyuanVideo defaults)",
+             _radial(0.95, False), 1, 24, 128, 256, "last", backend="flex"),
+        Case("gna-hunyuan-720p-paper", "gna", "HunyuanVideo 720p", (30, 48, 80), "window (18, 24, 24), stride (16, 8, 8) (GNA paper)",
+             _gna((18, 24, 24), (16, 8, 8)), 1, 24, 128, 256, "last"),
+        Case("gna-flux-4096-paper", "gna", "Flux.1 4096^2", (256, 256), "window (80, 80), stride (16, 16) (GNA paper)",
+             _gna((80, 80), (16, 16)), 1, 24, 128, 512, "first"),
+    ]
+
+
 def quick_cases() -> list[Case]:
     return [
         Case("radial-quick", "radial", "video (quick)", (4, 16, 32), "decay 0.2, sink", _radial(0.2, True), 2, 2, 64),
@@ -281,6 +298,8 @@ def measure_memory(case: Case, variant: str, args) -> dict | None:
            "--threads", str(args.threads)]
     if args.quick:
         cmd.append("--quick")
+    if args.large:
+        cmd.append("--large")
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
     except subprocess.SubprocessError as e:
@@ -533,6 +552,8 @@ def print_row(r: dict) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes, a few seconds (smoke test)")
+    p.add_argument("--large", action="store_true",
+                   help="the large shapes instead (Wan-14B 720p, HunyuanVideo 720p, Flux 4096^2; 1 head timed; ~20 min)")
     p.add_argument("--only", default="", help="comma-separated methods (radial, gna, msw, hidiffusion) or case names")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per kernel (default 3, quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed dense+sparse calls per case (default 0 full, 1 quick)")
@@ -551,14 +572,14 @@ def main(argv=None):
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = quick_cases() if args.quick else full_cases()
+    cases = quick_cases() if args.quick else large_cases() if args.large else full_cases()
 
     if args._child:
         case = next(c for c in cases if c.name == args._child)
         print(json.dumps(child_memory(case, args._variant)))
         return 0
 
-    args.out = args.out or f"benchmarks/results/attention{'-quick' if args.quick else ''}.md"
+    args.out = args.out or f"benchmarks/results/attention{'-quick' if args.quick else '-large' if args.large else ''}.md"
     args.unet_width = args.unet_width or ("32,64,64,64" if args.quick else "320,640,1280,1280")
     args.unet_latent = args.unet_latent or (48 if args.quick else 128)
     args.unet_steps = args.unet_steps or 4
@@ -602,8 +623,8 @@ def main(argv=None):
         out.write_text(markdown(rows, pending, meta, errors))  # partial results of a long run
 
     hidi: list[dict] | str
-    if only and "hidiffusion" not in only:
-        hidi = "not run (`--only` excludes it)."
+    if (only and "hidiffusion" not in only) or args.large:
+        hidi = "not run (`--only` / `--large` excludes it)."
     elif not hidiffusion_available():
         hidi = ("**TODO(hidiffusion)**: `diffusion_attn.apply(unet, \"hidiffusion\")` was not available when this "
                 "ran; the end-to-end UNet timing (dense vs RAU-Net active / inactive step) is still to be measured.")
