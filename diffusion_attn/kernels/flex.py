@@ -169,7 +169,8 @@ def flex_attention_call(q, k, v, block_mask, scale: float | None = None) -> torc
     fa = _compiled()
     from torch._dynamo import config as dynamo_config
 
-    with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)):
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    with dynamo_config.patch(**{name: max(getattr(dynamo_config, name), _RECOMPILE_LIMIT)}):
         return fa(q, k, v, block_mask=block_mask, scale=scale)
 
 
