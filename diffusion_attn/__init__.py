@@ -6,7 +6,7 @@
     handle.remove()                            # bit-exact restore
 """
 
-from .api import Handle, apply, applied, attach, attention_mask, denoisers, remove
+from .api import Handle, apply, applied, attach, attention_mask, denoisers, method_pattern, remove
 from .layout import TokenLayout
 from .processors import GNAProcessor, MSWMSAProcessor, PatternProcessor, RadialProcessor
 from .registry import MethodSpec, Param, get_method
@@ -29,6 +29,7 @@ __all__ = [
     "attention_mask",
     "denoisers",
     "get_method",
+    "method_pattern",
     "methods",
     "remove",
 ]

@@ -15,7 +15,7 @@ from .processors.base import PatternProcessor
 from .processors.install import get_processors, set_processors
 from .registry import get_method
 
-__all__ = ["Handle", "apply", "remove", "applied", "attach", "attention_mask", "denoisers"]
+__all__ = ["Handle", "apply", "remove", "applied", "attach", "attention_mask", "denoisers", "method_pattern"]
 
 _HANDLE_ATTR = "_diffusion_attn_handle"
 
@@ -169,19 +169,27 @@ def attach(model: torch.nn.Module) -> Handle:
     return handle
 
 
+def method_pattern(method: str, layout: TokenLayout, *, family: str | None = None, **params):
+    """``(spec, resolved params, pattern)`` of ``method`` on ``layout``: what :func:`attention_mask`, the
+    pattern pictures and ``diffusion-attn simulate`` show. ``family`` (or a variant such as ``wan2.2``)
+    picks per-model defaults; default: the method's first family. A family the method does not support
+    is an error."""
+    spec = get_method(method)
+    if spec.grid_pattern is None:
+        raise ValueError(f"method {spec.name!r} has no attention pattern to show")
+    if family is not None and family not in spec.family_defaults and family not in spec.families:
+        what = "does not support" if family in FAMILIES else "has no family"
+        raise ValueError(f"{spec.name} {what} {family!r}; supported families: {', '.join(spec.families)}"
+                         + (f" (defaults for {', '.join(spec.family_defaults)})" if spec.family_defaults else ""))
+    resolved = spec.resolve(params, family or spec.families[0])
+    return spec, resolved, spec.grid_pattern(layout, **resolved)
+
+
 def attention_mask(method: str, layout: TokenLayout, *, family: str | None = None, **params) -> torch.Tensor:
     """The dense boolean mask ``(queries, keys)`` that ``method`` applies on ``layout``.
 
     For inspection and plotting (and the tests' oracle): it is S x S, so keep layouts small. ``family``
     picks per-model defaults (e.g. radial's Wan sink); default: the method's first family.
     """
-    spec = get_method(method)
-    if spec.grid_pattern is None:
-        raise ValueError(f"method {spec.name!r} has no attention pattern to show")
-    if family is not None and family not in spec.family_defaults and family not in spec.families:
-        known = "unsupported" if family in FAMILIES else "unknown"
-        raise ValueError(f"{known} family {family!r} for {spec.name}; supported: "
-                         f"{', '.join(dict.fromkeys((*spec.families, *spec.family_defaults)))}")
-    resolved = spec.resolve(params, family or spec.families[0])
-    pattern = spec.grid_pattern(layout, **resolved)
+    _, _, pattern = method_pattern(method, layout, family=family, **params)
     return full_mask(pattern.dense_mask(), layout)

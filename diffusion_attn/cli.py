@@ -227,18 +227,18 @@ def _tile_text(tile) -> str:
 def cmd_simulate(args) -> int:
     import inspect
 
+    from .api import method_pattern
     from .kernels.simulate import simulate
     from .layout import TokenLayout
-    from .viz import pattern_for
 
     params = _method_params(args)
     layout = TokenLayout(parse_grid(args.grid), args.text, args.text_position)
     pairs = _tile_pairs(args)
-    spec, resolved, pattern = pattern_for(args.method, layout, family=args.family, **params)
+    spec, resolved, pattern = method_pattern(args.method, layout, family=args.family, **params)
     shown = [n for n, p in inspect.signature(spec.grid_pattern).parameters.items()
              if n != "layout" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     pattern_params = {n: resolved[n] for n in shown if n in resolved}
-    used = args.family or spec.families[0]  # the family whose defaults pattern_for resolved
+    used = args.family or spec.families[0]  # the family whose defaults method_pattern resolved
     family = used if used in spec.family_defaults else args.family
     results = [simulate(pattern, layout, q_tile=q, kv_tile=k) for q, k in pairs]
     density = results[0].density
@@ -350,6 +350,16 @@ class _Parser(argparse.ArgumentParser):
         self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 
+def _add_layout_flags(parser: argparse.ArgumentParser, example_grid: str) -> None:
+    """The method and token-layout flags of the commands that look at a pattern (mask, simulate)."""
+    parser.add_argument("--method", required=True, help="method name (see `diffusion-attn methods`)")
+    parser.add_argument("--grid", required=True, help=f"token grid: frames x height x width ({example_grid}) or height x width (64x64)")
+    parser.add_argument("--text", type=int, default=0, help="number of text tokens in the sequence (default: 0)")
+    parser.add_argument("--text-position", dest="text_position", choices=("first", "last"), default="last",
+                        help="text before (Flux) or after (SD3, HunyuanVideo) the grid tokens (default: last)")
+    parser.add_argument("--family", help="model family whose defaults to use (default: the method's first family)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffusion-attn", description="Published attention methods for diffusers pipelines.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -375,12 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     msk = sub.add_parser("mask", help="draw a method's attention pattern for a token layout and print its density",
                          description="Draw the (query, key) mask of a method on a token layout (text tokens included), "
                                      "downsampled by per-cell density; prints the overall density.")
-    msk.add_argument("--method", required=True, help="method name (see `diffusion-attn methods`)")
-    msk.add_argument("--grid", required=True, help="token grid: frames x height x width (9x30x52) or height x width (64x64)")
-    msk.add_argument("--text", type=int, default=0, help="number of text tokens in the sequence (default: 0)")
-    msk.add_argument("--text-position", dest="text_position", choices=("first", "last"), default="last",
-                     help="text before (Flux) or after (SD3, HunyuanVideo) the grid tokens (default: last)")
-    msk.add_argument("--family", help="model family whose defaults to use (default: the method's first family)")
+    _add_layout_flags(msk, "9x30x52")
     msk.add_argument("--max-side", dest="max_side", type=int, default=768, help="picture size limit in pixels per side (default: 768)")
     msk.add_argument("--output", "-o", default="outputs/mask.png", help="output picture (default: outputs/mask.png)")
     _add_method_flags(msk)
@@ -392,12 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "upper-bound speedup over dense (all / visited tile pairs) next to the ideal 1/density. "
                                      "Integer tiles are 1-D tiles in sequence order (FlexAttention, Triton); per-axis tiles "
                                      "like 1x8x16 are multi-dimensional sub-box tiles (GNA's token-permuted order).")
-    sim.add_argument("--method", required=True, help="method name (see `diffusion-attn methods`)")
-    sim.add_argument("--grid", required=True, help="token grid: frames x height x width (21x30x52) or height x width (64x64)")
-    sim.add_argument("--text", type=int, default=0, help="number of text tokens in the sequence (default: 0)")
-    sim.add_argument("--text-position", dest="text_position", choices=("first", "last"), default="last",
-                     help="text before (Flux) or after (SD3, HunyuanVideo) the grid tokens (default: last)")
-    sim.add_argument("--family", help="model family whose defaults to use (default: the method's first family)")
+    _add_layout_flags(sim, "21x30x52")
     sim.add_argument("--q-tile", dest="q_tile", action="append", metavar="TILE",
                      help="query tile: tokens (128, sequence order) or per-axis sizes (1x8x16, tiled order); several "
                           "with commas or by repeating the flag (default: 128)")

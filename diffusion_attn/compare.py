@@ -170,10 +170,10 @@ def compare(
     kwargs = dict(prompt=prompt, seed=seed, height=height, width=width, num_frames=num_frames, steps=steps,
                   guidance_scale=guidance_scale, dtype=dtype, device=device, attention_backend=attention_backend)
     from .models import EMBEDDED_MODELS
-    from .runner import _check_method
+    from .runner import check_method
 
     # fail on a bad method before spending a dense run
-    _check_method(method, EMBEDDED_MODELS[model].family if isinstance(model, str) and model in EMBEDDED_MODELS else None)
+    check_method(method, EMBEDDED_MODELS[model].family if isinstance(model, str) and model in EMBEDDED_MODELS else None)
     if warmup:
         generate(model, "none", callback=lambda i, total: None, **{**kwargs, "steps": 1})  # (no tqdm bar)
     offset, seen = [0], [int(steps)]

@@ -217,19 +217,19 @@ def jsonable(value):
     return str(value)
 
 
-def _adapter_family(family: str) -> str:
+def adapter_family(family: str) -> str:
     """A :func:`model_family` name as the method specs name it (``unet-sdxl`` -> ``unet``)."""
     return "unet" if family.startswith("unet") else family
 
 
-def _check_method(method: str, family: str | None):
+def check_method(method: str, family: str | None):
     """The method's spec (None for "none"); fails early when the method does not support ``family``."""
     if method in (None, "none"):
         return None
     from .registry import get_method
 
     spec = get_method(method)
-    if family is not None and _adapter_family(family) not in spec.families:
+    if family is not None and adapter_family(family) not in spec.families:
         raise ValueError(f"method {spec.name!r} does not support {family} models; supported families: {', '.join(spec.families)}")
     return spec
 
@@ -324,7 +324,7 @@ def generate(
         raise ValueError(f"steps must be >= 1, got {steps!r}")
     # fail before loading anything when we can tell the family from the name
     early_family = EMBEDDED_MODELS[model].family if isinstance(model, str) and model in EMBEDDED_MODELS else None
-    spec = _check_method(method, early_family)
+    spec = check_method(method, early_family)
     if attention_backend is not None:
         _check_backend_name(attention_backend)
         if early_family is not None and early_family.startswith("unet"):
@@ -333,7 +333,7 @@ def generate(
     pipe = get_pipeline(model, dtype, device) if isinstance(model, str) else model
     family = model_family(pipe)
     if spec is not None:
-        _check_method(method, family)
+        check_method(method, family)
     is_video_family = family in VIDEO_FAMILIES
     overrides: dict[str, Any] = {"num_inference_steps": int(steps)}
     for key, value in (("height", height), ("width", width), ("guidance_scale", guidance_scale)):

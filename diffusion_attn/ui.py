@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .runner import adapter_family, check_method
+
 __all__ = [
     "Request",
     "build_demo",
@@ -197,11 +199,6 @@ def model_family_of(model: str) -> str | None:
     return None
 
 
-def adapter_family(family: str) -> str:
-    """The method-spec family name for a model family (``unet-sd15`` -> ``unet``)."""
-    return "unet" if family.startswith("unet") else family
-
-
 def size_defaults(model: str, family: str | None) -> dict:
     """Default height / width / num_frames / guidance for a model (embedded: the tiny sizes; else {})."""
     from .models import EMBEDDED_MODELS, default_call_kwargs
@@ -289,13 +286,7 @@ class Request:
         """Fail early (before loading anything) when the method cannot run on this model's family."""
         if self.method in (None, "", "none"):
             return
-        from .registry import get_method
-
-        spec = get_method(self.method)
-        family = self.family()
-        if family is not None and adapter_family(family) not in spec.families:
-            raise ValueError(f"method {spec.name!r} does not support {family} models; "
-                             f"supported families: {', '.join(spec.families)}")
+        check_method(self.method, self.family())
 
     def generate_kwargs(self) -> dict:
         family = self.family()
@@ -475,9 +466,7 @@ def pattern_outputs(req: Request):
     if family is None:
         return None, (f"The pattern is drawn once the model's family is known: generate once with {model!r}, "
                       "or use a local folder with a model_index.json.")
-    if adapter_family(family) not in spec.families:
-        raise ValueError(f"method {spec.name!r} does not support {family} models; "
-                         f"supported families: {', '.join(spec.families)}")
+    check_method(req.method, family)
     if spec.grid_pattern is None:
         return None, f"{spec.name} has no attention pattern to draw."
     height, width, frames = req.sizes()

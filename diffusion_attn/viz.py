@@ -17,9 +17,10 @@ from typing import Callable
 
 import numpy as np
 
+from .api import method_pattern
 from .layout import TokenLayout
 
-__all__ = ["render_pattern", "density", "density_map", "colormap", "pattern_for"]
+__all__ = ["render_pattern", "density", "density_map", "colormap"]
 
 #: at most this many (row, column) booleans are materialised at once
 CHUNK_ELEMENTS = 1 << 21
@@ -50,24 +51,6 @@ def colormap(values) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------
 # The pattern and its rows
 # ------------------------------------------------------------------------------------------------------
-
-
-def pattern_for(method: str, layout: TokenLayout, *, family: str | None = None, **params):
-    """``(spec, resolved params, pattern)`` of ``method`` on ``layout``. ``family`` picks per-model
-    defaults as in :func:`diffusion_attn.attention_mask` (default: the method's first family); unlike
-    there, a family the method does not support is an error."""
-    from .adapters import FAMILIES
-    from .registry import get_method
-
-    spec = get_method(method)
-    if spec.grid_pattern is None:
-        raise ValueError(f"method {spec.name!r} has no attention pattern to show")
-    if family is not None and family not in spec.family_defaults and family not in spec.families:
-        what = "does not support" if family in FAMILIES else "has no family"
-        raise ValueError(f"{spec.name} {what} {family!r}; supported families: {', '.join(spec.families)}"
-                         + (f" (defaults for {', '.join(spec.family_defaults)})" if spec.family_defaults else ""))
-    resolved = spec.resolve(params, family or spec.families[0])
-    return spec, resolved, spec.grid_pattern(layout, **resolved)
 
 
 def _grid_rows(pattern) -> Callable[[np.ndarray], np.ndarray]:
@@ -165,7 +148,7 @@ def density_map(method: str, layout: TokenLayout, *, family: str | None = None, 
     sequence (``cells = min(tokens, max_side)``; cell ``i`` holds tokens ``[i*S//cells, (i+1)*S//cells)``),
     float64 in [0, 1]. Memory stays bounded (no ``S x S`` mask). Exact up to :data:`EXACT_PAIRS` pairs
     (a Wan 480p layout is exact); beyond, each row cell is estimated from a few evenly spaced query rows."""
-    _, _, pattern = pattern_for(method, layout, family=family, **params)
+    _, _, pattern = method_pattern(method, layout, family=family, **params)
     counts, edges, _ = _counts(pattern, layout, min(layout.num_tokens, int(max_side)))
     w = np.diff(edges).astype(np.float64)
     return counts / (w[:, None] * w[None, :])
@@ -174,7 +157,7 @@ def density_map(method: str, layout: TokenLayout, *, family: str | None = None, 
 def density(method: str, layout: TokenLayout, *, family: str | None = None, **params) -> float:
     """The share of (query, key) pairs of the whole sequence (text included) that ``method`` allows:
     ``attention_mask(method, layout, ...).float().mean()`` computed without the ``S x S`` mask."""
-    _, _, pattern = pattern_for(method, layout, family=family, **params)
+    _, _, pattern = method_pattern(method, layout, family=family, **params)
     return _density(pattern, layout)
 
 
@@ -251,7 +234,7 @@ def render_pattern(method: str, layout: TokenLayout, *, family: str | None = Non
     max_side = int(max_side)
     if max_side < 8:
         raise ValueError(f"max_side must be >= 8, got {max_side}")
-    spec, resolved, pattern = pattern_for(method, layout, family=family, **params)
+    spec, resolved, pattern = method_pattern(method, layout, family=family, **params)
     S, N = layout.num_tokens, layout.num_image
     cells = min(S, max_side)
     counts, edges, sampled = _counts(pattern, layout, cells)

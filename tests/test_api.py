@@ -226,9 +226,9 @@ def test_unsupported_model_lists_supported():
 
 
 def test_attention_mask_rejects_a_family_the_method_does_not_support():
-    with pytest.raises(ValueError, match="unsupported family 'flux' for radial; supported: wan, hunyuanvideo, mochi"):
+    with pytest.raises(ValueError, match="radial does not support 'flux'; supported families: wan, hunyuanvideo, mochi"):
         da.attention_mask("radial", da.TokenLayout((3, 4, 5)), family="flux")
-    with pytest.raises(ValueError, match="unknown family 'wan3'"):
+    with pytest.raises(ValueError, match="radial has no family 'wan3'"):
         da.attention_mask("radial", da.TokenLayout((3, 4, 5)), family="wan3")
     layout = da.TokenLayout((5, 32, 48))  # frames wide enough for decay 0.2 and 0.8 to give different bands
     wan22 = da.attention_mask("radial", layout, family="wan2.2")  # a variant: its own defaults (decay 0.8)

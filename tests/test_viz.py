@@ -78,7 +78,7 @@ def test_wan_480p_layout_is_memory_bounded():
     assert peak < 64e6  # an S x S bool mask alone is 212 MB
     x0, y0, x1, y1 = img.info["matrix_box"]
     assert x1 - x0 <= 768 and img.info["cells"] == 768 and img.info["sampled_rows"] == 0
-    _, resolved, pattern = viz.pattern_for("radial", layout)
+    _, resolved, pattern = da.method_pattern("radial", layout)
     exact = (S * S - N * N + pattern.allowed_pairs()) / S**2
     assert img.info["density"] == pytest.approx(exact, abs=1e-12)
     dm = density_map("radial", layout, max_side=768)
