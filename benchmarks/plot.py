@@ -125,6 +125,17 @@ def _bounds(values, pad=1.25):
     return lo, hi
 
 
+def _scatter(ax, points, x: str, y: str, what: str, hollow: bool = False) -> None:
+    """One marker series per (method, backend): filled for attention-op rows, hollow for denoiser rows."""
+    for (method, backend), pts in sorted(_groups(points).items()):
+        color = COLORS.get(backend, "black")
+        style = dict(facecolors="none", edgecolors=color, s=60, linewidths=1.4) if hollow else dict(color=color, s=46)
+        ax.scatter([p[x] for p in pts], [p[y] for p in pts], marker=MARKERS.get(method, "X"),
+                   label=f"{method} ({backend}), {what}", zorder=3, **style)
+        for p in pts:
+            _label(ax, p, p[x], p[y])
+
+
 def _label(ax, p, x, y):
     ax.annotate(p["name"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6, color="dimgray")
 
@@ -158,17 +169,8 @@ def plot(att: list[dict], den: list[dict], out: Path, title: str = "") -> Path:
     lo, hi = _bounds([p["ideal"] for p in att] + [p["measured"] for p in att]
                      + [p["ideal"] for p in den_attn] + [p["attn"] for p in den_attn])
     _diagonal(ax, lo, hi)
-    for (method, backend), pts in sorted(_groups(att).items()):
-        ax.scatter([p["ideal"] for p in pts], [p["measured"] for p in pts], marker=MARKERS.get(method, "X"),
-                   color=COLORS.get(backend, "black"), s=46, label=f"{method} ({backend}), attention op", zorder=3)
-        for p in pts:
-            _label(ax, p, p["ideal"], p["measured"])
-    for (method, backend), pts in sorted(_groups(den_attn).items()):
-        ax.scatter([p["ideal"] for p in pts], [p["attn"] for p in pts], marker=MARKERS.get(method, "X"),
-                   facecolors="none", edgecolors=COLORS.get(backend, "black"), s=60, linewidths=1.4,
-                   label=f"{method} ({backend}), attention core in a denoiser step", zorder=3)
-        for p in pts:
-            _label(ax, p, p["ideal"], p["attn"])
+    _scatter(ax, att, "ideal", "measured", "attention op")
+    _scatter(ax, den_attn, "ideal", "attn", "attention core in a denoiser step", hollow=True)
     logaxes(ax)
     ax.set_xlabel("ideal speedup 1 / density")
     ax.set_ylabel("measured speedup over dense")
@@ -185,18 +187,8 @@ def plot(att: list[dict], den: list[dict], out: Path, title: str = "") -> Path:
     lo, hi = _bounds([p["predicted"] for p in att_pred] + [p["measured"] for p in att_pred]
                      + [p["predicted_e2e"] for p in den_pred] + [p["measured"] for p in den_pred])
     _diagonal(ax, lo, hi, "measured = predicted")
-    for (method, backend), pts in sorted(_groups(att_pred).items()):
-        ax.scatter([p["predicted"] for p in pts], [p["measured"] for p in pts], marker=MARKERS.get(method, "X"),
-                   color=COLORS.get(backend, "black"), s=46, label=f"{method} ({backend}), attention op (tile bound)",
-                   zorder=3)
-        for p in pts:
-            _label(ax, p, p["predicted"], p["measured"])
-    for (method, backend), pts in sorted(_groups(den_pred).items()):
-        ax.scatter([p["predicted_e2e"] for p in pts], [p["measured"] for p in pts], marker=MARKERS.get(method, "X"),
-                   facecolors="none", edgecolors=COLORS.get(backend, "black"), s=60, linewidths=1.4,
-                   label=f"{method} ({backend}), denoiser step (Amdahl bound)", zorder=3)
-        for p in pts:
-            _label(ax, p, p["predicted_e2e"], p["measured"])
+    _scatter(ax, att_pred, "predicted", "measured", "attention op (tile bound)")
+    _scatter(ax, den_pred, "predicted_e2e", "measured", "denoiser step (Amdahl bound)", hollow=True)
     logaxes(ax)
     ax.set_xlabel("predicted upper bound")
     ax.set_ylabel("measured speedup over dense")

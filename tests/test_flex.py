@@ -11,7 +11,7 @@ from diffusion_attn.kernels import choose_backend, full_mask, masked_attention, 
 from diffusion_attn.kernels.flex import block_occupancy, flex_available, sequence_mask_mod
 from diffusion_attn.patterns import neighborhood_pattern, radial_pattern
 
-from test_kernels import ATOL, padding, qkv
+from test_kernels import ATOL, CountingCache, padding, qkv
 from test_patterns import random_gna_config
 
 
@@ -91,13 +91,8 @@ def test_prepared_attention_caches_per_layout(monkeypatch):
     grid = (5, 8, 9)
     pattern, layout = radial_pattern(grid, 0.5, True), TokenLayout(grid, 21, "first")
     q, k, v = qkv(layout, batch=2)
-    cache, builds = {}, []
-
-    def cached(key, build):
-        if key not in cache:
-            builds.append(key[0])
-            cache[key] = build()
-        return cache[key]
+    cached = CountingCache()
+    builds = cached.builds
 
     ref = masked_attention(q, k, v, pattern.dense_mask(), layout)
     for _ in range(2):

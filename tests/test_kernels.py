@@ -19,6 +19,20 @@ def qkv(layout, batch=2, heads=3, dim=16, seed=0):
     return [torch.randn(batch, layout.num_tokens, heads, dim, generator=g) for _ in range(3)]
 
 
+class CountingCache:
+    """A dict-backed ``cached(key, build)`` for ``prepared_attention`` that records the kind (``key[0]``) of
+    everything it builds."""
+
+    def __init__(self):
+        self.store, self.builds = {}, []
+
+    def __call__(self, key, build):
+        if key not in self.store:
+            self.builds.append(key[0])
+            self.store[key] = build()
+        return self.store[key]
+
+
 def padding(layout, batch, rng):
     kpm = torch.ones(batch, layout.num_tokens, dtype=torch.bool)
     if layout.text_len > 1:

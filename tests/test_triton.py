@@ -29,7 +29,7 @@ from diffusion_attn.kernels.triton_sparse import (
 )
 from diffusion_attn.patterns import BlockPattern, neighborhood_pattern, radial_pattern
 
-from test_kernels import padding
+from test_kernels import CountingCache, padding
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed (pip install "diffusion-attn[kernels]")')
@@ -199,13 +199,8 @@ def check_backend_wiring():
         return "backend='triton' is not wired into diffusion_attn.kernels yet"
     pattern, layout = cases()["block16-text-first"]
     q, k, v = qkv(layout, heads=1, dim=16)
-    cache, builds = {}, []
-
-    def cached(key, build):
-        if key not in cache:
-            builds.append(key[0])
-            cache[key] = build()
-        return cache[key]
+    cached = CountingCache()
+    builds = cached.builds
 
     for padded in (False, True):
         kpm = padding(layout, 2, random.Random(1)) if padded else None

@@ -11,6 +11,8 @@ from diffusion_attn.kernels.windows import axis_groups, window_attention, window
 from diffusion_attn.patterns import neighborhood_pattern, radial_pattern, shifted_window_pattern
 from diffusion_attn.patterns.neighborhood import neighborhood_axis
 
+from test_kernels import CountingCache
+
 ATOL = 2e-6
 
 
@@ -173,13 +175,8 @@ def test_backend_wiring():
     for backend in ("windows", "auto"):
         out = kernels.pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=backend)
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-5)
-    cache, builds = {}, []
-
-    def cached(key, build):
-        if key not in cache:
-            builds.append(key[0])
-            cache[key] = build()
-        return cache[key]
+    cached = CountingCache()
+    builds = cached.builds
 
     for _ in range(2):
         out = kernels.prepared_attention(q, k, v, pattern, layout, cached=cached, key="gna", key_padding_mask=kpm)

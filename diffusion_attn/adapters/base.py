@@ -46,5 +46,16 @@ def grid_from_latent(shape, patch) -> tuple[int, ...]:
     return tuple(s // p for s, p in zip(spatial, patch))
 
 
-def heads_split(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x.unflatten(-1, (heads, -1))
+def qkv_heads(attn, x: torch.Tensor, *, context: bool = False):
+    """q, k, v of ``x`` as (B, S, heads, head_dim), q and k normed where the module has norms, as the
+    stock joint-attention processors compute them: the sample projections (``to_q/k/v``, ``norm_q/k``)
+    or, with ``context``, the added text projections (``add_q/k/v_proj``, ``norm_added_q/k``)."""
+    names = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k") if context else \
+        ("to_q", "to_k", "to_v", "norm_q", "norm_k")
+    q, k, v = (getattr(attn, n)(x).unflatten(2, (attn.heads, -1)) for n in names[:3])
+    norm_q, norm_k = getattr(attn, names[3], None), getattr(attn, names[4], None)
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    return q, k, v

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import TokenLayout
-from .base import Family, first_tensor, grid_from_latent
+from .base import Family, first_tensor, grid_from_latent, qkv_heads
 
 
 def _read_call(model, args, kwargs):
@@ -30,11 +30,7 @@ def _run(proc, attn, hidden_states, encoder_hidden_states=None, attention_mask=N
     joined = attn.add_q_proj is None and encoder_hidden_states is not None  # single-stream block
     if joined:
         hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-    q, k, v = (f(hidden_states).unflatten(2, (attn.heads, -1)) for f in (attn.to_q, attn.to_k, attn.to_v))
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
+    q, k, v = qkv_heads(attn, hidden_states)
     if rotary is not None:
         if joined:
             n_txt = encoder_hidden_states.shape[1]
@@ -44,11 +40,7 @@ def _run(proc, attn, hidden_states, encoder_hidden_states=None, attention_mask=N
             q = apply_rotary_emb(q, rotary, sequence_dim=1)
             k = apply_rotary_emb(k, rotary, sequence_dim=1)
     if attn.add_q_proj is not None and encoder_hidden_states is not None:
-        eq, ek, ev = (f(encoder_hidden_states).unflatten(2, (attn.heads, -1)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-        if attn.norm_added_q is not None:
-            eq = attn.norm_added_q(eq)
-        if attn.norm_added_k is not None:
-            ek = attn.norm_added_k(ek)
+        eq, ek, ev = qkv_heads(attn, encoder_hidden_states, context=True)
         q, k, v = torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1)
     text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
     layout = TokenLayout(proc.context.grid, text_len, "last")

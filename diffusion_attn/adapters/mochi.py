@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import TokenLayout
-from .base import Family, first_tensor, grid_from_latent
+from .base import Family, first_tensor, grid_from_latent, qkv_heads
 
 
 def _read_call(model, args, kwargs):
@@ -36,17 +36,8 @@ def _rope(x, cos, sin):
 def _run(proc, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None, temb=None):
     if encoder_hidden_states is None:
         raise ValueError("the Mochi adapter expects the joint (video + text) attention of MochiTransformerBlock")
-    q, k, v = (f(hidden_states).unflatten(2, (attn.heads, -1)) for f in (attn.to_q, attn.to_k, attn.to_v))
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    eq, ek, ev = (f(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-                  for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    if attn.norm_added_q is not None:
-        eq = attn.norm_added_q(eq)
-    if attn.norm_added_k is not None:
-        ek = attn.norm_added_k(ek)
+    q, k, v = qkv_heads(attn, hidden_states)
+    eq, ek, ev = qkv_heads(attn, encoder_hidden_states, context=True)
     if rotary is not None:
         q, k = _rope(q, *rotary), _rope(k, *rotary)
     n_video, n_text = q.shape[1], eq.shape[1]

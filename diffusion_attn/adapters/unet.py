@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-
 from ..layout import TokenLayout
 from .base import Family, first_tensor
 

@@ -9,7 +9,7 @@ from ..patterns.base import BlockPattern, BoxPattern
 from . import natten_adapter, xformers_adapter
 from .flex import block_occupancy, flex_attention_call, flex_available, flex_block_mask
 from .gather import gather_attention
-from .reference import check_inputs, full_mask, masked_attention, sdpa
+from .reference import check_inputs, full_mask, masked_attention, sdpa, text_query_attention
 from .tiling import build_schedule, choose_tiles
 from .triton_sparse import build_triton_layout, triton_available, triton_pattern_attention
 from .windows import WindowPlan, window_attention, window_partition
@@ -150,7 +150,7 @@ def pattern_attention(
     )
     if not has_text:
         return out_img
-    out_txt = sdpa(q[:, txt], k, v, None if kpm is None else kpm[:, None, None, :], scale)
+    out_txt = text_query_attention(q, k, v, layout, kpm, scale)
     parts = [out_txt, out_img] if layout.text_position == "first" else [out_img, out_txt]
     return torch.cat(parts, dim=1)
 

@@ -32,12 +32,11 @@ import importlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..layout import TokenLayout
 from ..patterns.base import BoxPattern
 from ..patterns.neighborhood import neighborhood_axis
-from .reference import check_inputs
+from .reference import check_inputs, text_query_attention
 
 __all__ = ["GNAParams", "available", "can_run", "gna_params", "natten_attention", "require", "supports"]
 
@@ -217,8 +216,5 @@ def natten_attention(
     out = q.new_empty(B, S, H, v.shape[-1])
     out[:, img] = og.reshape(B, layout.num_image, H, v.shape[-1])
     if layout.text_len:
-        mask = None if kpm is None else kpm[:, None, None, :]
-        o = F.scaled_dot_product_attention(q[:, txt].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, scale=scale)
-        out[:, txt] = o.transpose(1, 2)
+        out[:, txt] = text_query_attention(q, k, v, layout, kpm, scale)
     return out

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..layout import TokenLayout
 
-__all__ = ["check_inputs", "full_mask", "masked_attention", "sdpa"]
+__all__ = ["check_inputs", "full_mask", "masked_attention", "sdpa", "text_query_attention"]
 
 
 def check_inputs(q, k, layout: TokenLayout, key_padding_mask=None):
@@ -28,6 +28,12 @@ def sdpa(q, k, v, mask=None, scale=None):
     """SDPA in the diffusers layout ``(B, S, heads, head_dim)``; ``mask`` broadcasts to (B, heads, Sq, Sk)."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
+
+
+def text_query_attention(q, k, v, layout: TokenLayout, key_padding_mask=None, scale=None):
+    """The text tokens' rows: every text query attends to every (unpadded) key. (B, text_len, heads, D)."""
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    return sdpa(q[:, layout.text_slice], k, v, mask, scale)
 
 
 def full_mask(grid_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..layout import TokenLayout
 from ..patterns.base import AxisWindows, BoxPattern
-from .reference import check_inputs
+from .reference import check_inputs, text_query_attention
 
 __all__ = ["AxisGroup", "WindowPlan", "window_attention", "window_partition", "MAX_WINDOW_SHAPES"]
 
@@ -292,8 +292,5 @@ def window_attention(
     if perms is not None:
         out[:, img] = out_img.index_select(1, perms[1])
     if X:
-        mask = None if kpm is None else kpm[:, None, None, :]
-        o = F.scaled_dot_product_attention(q[:, txt].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, scale=scale)
-        out[:, txt] = o.transpose(1, 2)
+        out[:, txt] = text_query_attention(q, k, v, layout, kpm, scale)
     return out

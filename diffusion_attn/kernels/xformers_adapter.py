@@ -22,10 +22,9 @@ import inspect
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..layout import TokenLayout
-from .reference import check_inputs
+from .reference import check_inputs, text_query_attention
 from .windows import WindowPlan, _windows, window_partition
 
 __all__ = ["available", "require", "supports", "xformers_attention"]
@@ -137,8 +136,5 @@ def xformers_attention(
     if perms is not None:
         out[:, img] = out_img.index_select(1, perms[1])
     if layout.text_len:
-        mask = None if kpm is None else kpm[:, None, None, :]
-        o = F.scaled_dot_product_attention(q[:, txt].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, scale=scale)
-        out[:, txt] = o.transpose(1, 2)
+        out[:, txt] = text_query_attention(q, k, v, layout, kpm, scale)
     return out
