@@ -10,6 +10,7 @@ from . import natten_adapter, xformers_adapter
 from .flex import block_occupancy, flex_attention_call, flex_available, flex_block_mask
 from .gather import gather_attention
 from .reference import check_inputs, full_mask, masked_attention, sdpa, text_query_attention
+from .strips import StripPlan, strip_attention, strip_plan
 from .tiling import build_schedule, choose_tiles
 from .triton_sparse import build_triton_layout, triton_available, triton_pattern_attention
 from .windows import WindowPlan, window_attention, window_partition
@@ -27,6 +28,8 @@ __all__ = [
     "pattern_attention",
     "prepared_attention",
     "sdpa",
+    "strip_attention",
+    "strip_plan",
     "triton_available",
     "triton_pattern_attention",
     "window_attention",
@@ -36,12 +39,14 @@ __all__ = [
 #: ``auto`` picks one of: ``dense`` (plain SDPA, only for a pattern that allows everything),
 #: ``windows`` (reshape into non-overlapping windows + SDPA; patterns whose windows partition the grid:
 #: blocked GNA, HiDiffusion's shifted windows), ``reference`` (SDPA with the full boolean mask; small
-#: sequences), ``flex`` (compiled FlexAttention, which skips masked blocks; block patterns on long
-#: sequences, where it runs) or ``gather`` (tiled gather + SDPA; the rest).
+#: sequences), ``strips`` (keys gathered once per column and sliced per tile; box patterns on CPU),
+#: ``flex`` (compiled
+#: FlexAttention, which skips masked blocks; block patterns on long sequences, where it runs) or
+#: ``gather`` (tiled gather + SDPA; the rest).
 #: Opt-in only: ``triton`` (the Triton block-sparse kernel, CUDA; until it has been validated and timed
 #: on a GPU -- it is tested under TRITON_INTERPRET=1), ``natten`` (NATTEN's na1d/2d/3d for GNA
 #: patterns) and ``xformers`` (CUDA, window partitions as one block-diagonal call).
-BACKENDS = ("auto", "gather", "windows", "flex", "triton", "natten", "xformers", "reference", "dense")
+BACKENDS = ("auto", "gather", "strips", "windows", "flex", "triton", "natten", "xformers", "reference", "dense")
 
 #: Below this many tokens the masked dense call is cheaper than gathering tiles.
 SMALL_SEQUENCE = 2048
@@ -77,6 +82,8 @@ def choose_backend(pattern, layout: TokenLayout, backend: str = "auto", device=N
         xformers_adapter.require()
         if device_type != "cuda":
             raise RuntimeError("backend='xformers' runs on CUDA only; use backend='windows' on CPU")
+    if backend == "strips" and not isinstance(pattern, BoxPattern):
+        raise ValueError("backend='strips' runs box patterns (GNA, shifted windows); use backend='gather' or 'auto'")
     if backend == "natten":
         natten_adapter.require()
         if not natten_adapter.supports(pattern, layout):
@@ -90,6 +97,8 @@ def choose_backend(pattern, layout: TokenLayout, backend: str = "auto", device=N
         return "reference"
     if isinstance(pattern, BlockPattern) and layout.num_tokens >= FLEX_MIN_TOKENS and flex_available(device_type):
         return "flex"
+    if isinstance(pattern, BoxPattern) and device_type == "cpu":  # measured on CPU: 1.0-1.9x gather's speed
+        return "strips"
     return "gather"
 
 
@@ -106,6 +115,7 @@ def pattern_attention(
     block_mask=None,
     triton_layout=None,
     window_plan: WindowPlan | None = None,
+    strips: StripPlan | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence laid out as ``layout`` (grid + text), restricted by ``pattern`` on the grid.
@@ -113,8 +123,8 @@ def pattern_attention(
     ``q, k, v``: (B, S, heads, head_dim), ``S = layout.num_tokens``. Text queries attend to every key,
     grid queries to their pattern's grid keys and to every text key. ``key_padding_mask`` (B, S) bool,
     True = real token; only text tokens may be padded. ``schedule``: a prebuilt schedule for ``pattern``
-    on ``q.device`` (callers cache it per layout); ``block_mask`` (flex), ``triton_layout`` and
-    ``window_plan`` likewise for their backends (see :func:`prepared_attention`).
+    on ``q.device`` (callers cache it per layout); ``block_mask`` (flex), ``triton_layout``,
+    ``window_plan`` and ``strips`` likewise for their backends (see :func:`prepared_attention`).
     """
     kpm = check_inputs(q, k, layout, key_padding_mask)
     chosen = choose_backend(pattern, layout, backend, q.device, window_plan)
@@ -138,16 +148,20 @@ def pattern_attention(
             triton_layout = build_triton_layout(pattern, layout, device=q.device)
         return triton_pattern_attention(q, k, v, triton_layout, layout, kpm, scale)
     img, txt = layout.image_slice, layout.text_slice
-    if schedule is None:
-        schedule = build_schedule(pattern).to(q.device)
     has_text = layout.text_len > 0
-    out_img = gather_attention(
-        q[:, img], k[:, img], v[:, img], schedule,
+    extra = dict(
         extra_k=k[:, txt] if has_text else None,
         extra_v=v[:, txt] if has_text else None,
         extra_valid=None if kpm is None else kpm[:, txt],
         scale=scale,
     )
+    if chosen == "strips":
+        plan = strips if strips is not None else strip_plan(pattern).to(q.device)
+        out_img = strip_attention(q[:, img], k[:, img], v[:, img], plan, **extra)
+    else:
+        if schedule is None:
+            schedule = build_schedule(pattern).to(q.device)
+        out_img = gather_attention(q[:, img], k[:, img], v[:, img], schedule, **extra)
     if not has_text:
         return out_img
     out_txt = text_query_attention(q, k, v, layout, kpm, scale)
@@ -166,9 +180,11 @@ def prepared_attention(q, k, v, pattern, layout: TokenLayout, *, cached, key, ke
         window_plan = cached(("window-plan", key), lambda: window_partition(pattern))
     chosen = choose_backend(pattern, layout, backend, q.device, window_plan)
     kpm = None if key_padding_mask is None or bool(key_padding_mask.all()) else key_padding_mask
-    schedule = block_mask = triton_layout = None
+    schedule = block_mask = triton_layout = strips = None
     dev = str(q.device)
-    if chosen == "gather":
+    if chosen == "strips":
+        strips = cached(("strip-plan", key, dev), lambda: strip_plan(pattern).to(q.device))
+    elif chosen == "gather":
         schedule = cached(("schedule", key, dev), lambda: build_schedule(pattern).to(q.device))
     elif chosen == "flex":
         occupancy = cached(("flex-occupancy", key), lambda: block_occupancy(pattern, layout))
@@ -181,4 +197,5 @@ def prepared_attention(q, k, v, pattern, layout: TokenLayout, *, cached, key, ke
     if window_plan is not None:
         window_plan.to(q.device)
     return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=chosen, schedule=schedule,
-                             block_mask=block_mask, triton_layout=triton_layout, window_plan=window_plan, scale=scale)
+                             block_mask=block_mask, triton_layout=triton_layout, window_plan=window_plan,
+                             strips=strips, scale=scale)

@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from ..patterns.base import AxisWindows, BlockPattern, BoxPattern, Schedule
+from ..patterns.base import RUNS, AxisWindows, BlockPattern, BoxPattern, Schedule
 
-__all__ = ["axis_box_size", "choose_tiles", "build_schedule", "MAX_TILE_QUERIES"]
+__all__ = ["axis_box_size", "axis_options", "choose_tiles", "build_schedule", "MAX_TILE_QUERIES"]
 
 GATHER_COST = 16.0
 MAX_TILE_QUERIES = 2048
@@ -38,6 +38,40 @@ def axis_box_size(axis: AxisWindows, tile: int) -> int:
     lo = torch.cat([axis.lo, axis.lo[-1:].expand(pad)]).view(-1, tile).amin(1)
     hi = torch.cat([axis.hi, axis.hi[-1:].expand(pad)]).view(-1, tile).amax(1)
     return int((hi - lo).max())
+
+
+def axis_options(axis: AxisWindows, limit: int = 6) -> list[tuple]:
+    """Candidate tilings of one axis as ``(tile, groups)``, ``groups`` a list of ``(n tiles, tile
+    length, keys per tile, masked)`` (``masked``: some tile of the group needs a mask).
+
+    ``tile`` is a size (``L // t`` tiles of ``t`` positions and a shorter last one, all gathering the
+    same ``k`` keys) or :data:`RUNS` (exact tiles, one per run of queries sharing a window). The best
+    ``limit`` sizes by visited pairs and the ``limit`` largest are kept, plus runs.
+    """
+    L = axis.length
+    opts = []
+    for t in range(1, min(L, MAX_AXIS_TILE) + 1):
+        k = axis_box_size(axis, t)
+        pad = (-L) % t
+        lo = torch.cat([axis.lo, axis.lo[-1:].expand(pad)]).view(-1, t)
+        hi = torch.cat([axis.hi, axis.hi[-1:].expand(pad)]).view(-1, t)
+        exact = (lo.amin(1) == lo.amax(1)) & (hi.amin(1) == hi.amax(1)) & (hi[:, 0] - lo[:, 0] == k)
+        groups = [(L // t, t, k, not bool(exact[: L // t].all()))]
+        if L % t:
+            groups.append((1, L % t, k, not bool(exact[-1])))
+        opts.append((t, groups))
+    pairs = lambda o: sum(n * t * k for n, t, k, _ in o[1])  # noqa: E731
+    keep = sorted(opts, key=lambda o: (pairs(o), -o[0]))[:limit] + sorted(opts, key=lambda o: -o[0])[:limit]
+    change = torch.ones(L, dtype=torch.bool)
+    change[1:] = (axis.lo[1:] != axis.lo[:-1]) | (axis.hi[1:] != axis.hi[:-1])
+    starts = torch.nonzero(change).flatten()
+    lengths = torch.diff(starts, append=torch.tensor([L]))
+    sizes = (axis.hi - axis.lo)[starts]
+    runs: dict[tuple[int, int], int] = {}
+    for t, k in zip(lengths.tolist(), sizes.tolist()):
+        runs[(t, k)] = runs.get((t, k), 0) + 1
+    unique = {o[0]: o for o in keep}
+    return [unique[t] for t in sorted(unique)] + [(RUNS, [(n, t, k, False) for (t, k), n in runs.items()])]
 
 
 def choose_tiles(pattern: BoxPattern) -> tuple[int, ...]:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["AxisWindows", "BoxPattern", "BlockPattern", "Bucket", "Schedule"]
+__all__ = ["AxisTiles", "AxisWindows", "RUNS", "BoxPattern", "BlockPattern", "Bucket", "Schedule"]
 
 
 @dataclass
@@ -101,38 +101,68 @@ class AxisWindows:
         out[self.perm[:, None], self.perm[None, :]] = allowed_perm
         return out
 
-    def tiles(self, tile: int):
-        """Split into query tiles of ``tile`` permuted positions (the last may be shorter).
+    def tiles(self, tile: "int | str") -> list["AxisTiles"]:
+        """Split the axis into query tiles, grouped by shape (one :class:`AxisTiles` per shape).
 
-        Returns a list of (query_coords (n, t), key_coords (n, K), mask (n, t, K) or None) groups in
-        original coordinates, one group for the full tiles and one for a partial last tile. Every tile
-        of the axis gathers the same fixed-size box of ``K`` consecutive permuted positions, clamped
-        inside the axis, which contains the union of its queries' windows.
+        ``tile`` an int: tiles of ``tile`` consecutive permuted positions (the last may be shorter); all
+        tiles of a group gather the same number of keys: a box of consecutive permuted positions, clamped
+        inside the axis, that holds the union of its queries' windows (masked where a query's window is
+        smaller). ``tile == "runs"``: one tile per maximal run of queries with identical windows, so every
+        tile is exact (no mask); runs are grouped by (length, window size).
         """
         L = self.length
-        tile = max(1, min(tile, L))
-        starts = list(range(0, L, tile))
-        box = 0
-        spans = []
-        for s in starts:
-            e = min(s + tile, L)
-            lo, hi = int(self.lo[s:e].min()), int(self.hi[s:e].max())
-            spans.append((s, e, lo))
-            box = max(box, hi - lo)
-        groups = []
-        full = [sp for sp in spans if sp[1] - sp[0] == tile]
-        part = [sp for sp in spans if sp[1] - sp[0] != tile]
+        if tile == RUNS:
+            change = torch.ones(L, dtype=torch.bool)
+            change[1:] = (self.lo[1:] != self.lo[:-1]) | (self.hi[1:] != self.hi[:-1])
+            starts = torch.nonzero(change).flatten().tolist() + [L]
+            spans = [(s, e, int(self.lo[s]), int(self.hi[s] - self.lo[s])) for s, e in zip(starts[:-1], starts[1:])]
+        else:
+            tile = max(1, min(int(tile), L))
+            spans = []
+            for s in range(0, L, tile):
+                e = min(s + tile, L)
+                spans.append((s, e, int(self.lo[s:e].min()), int(self.hi[s:e].max()) - int(self.lo[s:e].min())))
+            box = max(sp[3] for sp in spans)
+            spans = [(s, e, min(lo, L - box), box) for s, e, lo, _ in spans]
+        shapes: dict[tuple[int, int], list] = {}
+        for s, e, kstart, box in spans:
+            shapes.setdefault((e - s, box), []).append((s, kstart))
         pos = torch.arange(L)
-        for group in (full, part):
-            if not group:
-                continue
-            t = group[0][1] - group[0][0]
-            qpos = torch.stack([pos[s:e] for s, e, _ in group])  # (n, t) permuted
-            kstart = torch.tensor([min(lo, L - box) for _, _, lo in group])
-            kpos = kstart[:, None] + torch.arange(box)[None, :]  # (n, K) permuted
+        groups = []
+        for (t, box), members in shapes.items():
+            qpos = torch.stack([pos[s : s + t] for s, _ in members])  # (n, t) permuted
+            kstart = torch.tensor([k for _, k in members])
+            kpos = kstart[:, None] + torch.arange(box)[None, :]
             mask = (kpos[:, None, :] >= self.lo[qpos][:, :, None]) & (kpos[:, None, :] < self.hi[qpos][:, :, None])
-            groups.append((self.perm[qpos], self.perm[kpos], None if bool(mask.all()) else mask))
+            groups.append(AxisTiles(self.perm, qpos, kstart, box, None if bool(mask.all()) else mask))
         return groups
+
+
+#: Per-axis tiling that follows the pattern: one tile per run of queries sharing a window (exact tiles).
+RUNS = "runs"
+
+
+@dataclass(frozen=True)
+class AxisTiles:
+    """``n`` query tiles of ``t`` positions on one axis, each gathering ``box`` consecutive permuted key
+    positions from ``kstart``. ``qpos`` (n, t) and ``kstart`` (n,) are permuted positions; ``mask``
+    (n, t, box) is None when every tile is dense."""
+
+    perm: torch.Tensor
+    qpos: torch.Tensor
+    kstart: torch.Tensor
+    box: int
+    mask: torch.Tensor | None
+
+    @property
+    def queries(self) -> torch.Tensor:
+        """(n, t) original coordinates of each tile's queries."""
+        return self.perm[self.qpos]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(n, box) original coordinates of each tile's keys."""
+        return self.perm[self.kstart[:, None] + torch.arange(self.box)[None, :]]
 
 
 class BoxPattern:
@@ -195,8 +225,9 @@ class BoxPattern:
             out = out & m.view(shape)
         return out.reshape(self.num_tokens, self.num_tokens)
 
-    def schedule(self, tile: tuple[int, ...]) -> Schedule:
-        """Tile the grid with per-axis tiles ``tile`` (in permuted positions)."""
+    def schedule(self, tile: tuple) -> Schedule:
+        """Tile the grid with per-axis tiles ``tile``: per axis a size in permuted positions or
+        :data:`RUNS` (see :meth:`AxisWindows.tiles`)."""
         strides = [math.prod(self.grid[i + 1 :]) for i in range(len(self.grid))]
         per_axis = [a.tiles(t) for a, t in zip(self.axes, tile)]
         buckets = []
@@ -228,14 +259,22 @@ def _outer(tensors, strides, op):
 
 
 def _box_bucket(combo, strides) -> Bucket:
-    qidx = _outer([c[0] for c in combo], strides, "sum")
-    kidx = _outer([c[1] for c in combo], strides, "sum")
-    if all(c[2] is None for c in combo):
-        return Bucket(qidx, kidx, None)
-    counts = [c[0].shape[0] for c in combo]
+    qidx = _outer([c.queries for c in combo], strides, "sum")
+    kidx = _outer([c.keys for c in combo], strides, "sum")
+    mask_fn = combined_mask_fn(combo)
+    return Bucket(qidx, kidx, mask_fn)
+
+
+def combined_mask_fn(combo):
+    """For a combination of per-axis tile groups (:class:`AxisTiles`): ``fn(g0, g1)`` -> the
+    (g1 - g0, tq, tk) token masks of tiles ``g0:g1`` (row-major over the axes' tile counts), or None
+    when every axis is dense."""
+    if all(c.mask is None for c in combo):
+        return None
+    counts = [c.qpos.shape[0] for c in combo]
     # per-axis masks (n_a, t_a, K_a), all-True where the axis is dense
     masks = [
-        c[2] if c[2] is not None else torch.ones(c[0].shape[0], c[0].shape[1], c[1].shape[1], dtype=torch.bool)
+        c.mask if c.mask is not None else torch.ones(c.qpos.shape[0], c.qpos.shape[1], c.box, dtype=torch.bool)
         for c in combo
     ]
 
@@ -258,7 +297,7 @@ def _box_bucket(combo, strides) -> Bucket:
         tq = math.prod(m.shape[1] for m in masks)
         return out.expand(g1 - g0, *[m.shape[1] for m in masks], *[m.shape[2] for m in masks]).reshape(g1 - g0, tq, -1)
 
-    return Bucket(qidx, kidx, mask_fn)
+    return mask_fn
 
 
 class BlockPattern:

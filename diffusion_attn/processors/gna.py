@@ -60,9 +60,10 @@ def _install(model, family, context, params):
 PLACEMENT = (
     Param("dense_layers", int, 0, "keep the first N attention layers dense", range=(0, None)),
     Param("dense_steps", int, 0, "keep the first N denoising steps dense (warm-up)", range=(0, None)),
-    Param("backend", str, "auto", "kernel: auto, gather (tiled), windows (window partitions), flex (compiled FlexAttention), "
-          "triton / natten / xformers (opt-in), reference (dense mask), dense",
-          choices=("auto", "gather", "windows", "flex", "triton", "natten", "xformers", "reference", "dense")),
+    Param("backend", str, "auto", "kernel: auto, gather (tiled), strips (column slices; stride-aligned windows), "
+          "windows (window partitions), flex (compiled FlexAttention), triton / natten / xformers (opt-in), "
+          "reference (dense mask), dense",
+          choices=("auto", "gather", "strips", "windows", "flex", "triton", "natten", "xformers", "reference", "dense")),
 )
 
 SPEC = register(MethodSpec(

@@ -263,9 +263,9 @@ SPEC = register(MethodSpec(
         Param("aggressive", bool, None, "SDXL aggressive RAU-Net (None: official, on below 4096 px)"),
         Param("num_steps", int, None, "denoising steps of a run (None: from the pipeline's scheduler)",
               range=(1, None)),
-        Param("backend", str, "auto", "kernel: auto, windows (the 2 x 2 windows reshaped), gather (tiled), flex "
-              "(compiled FlexAttention), triton / xformers (opt-in), reference (dense mask)",
-              choices=("auto", "windows", "gather", "flex", "triton", "xformers", "reference")),
+        Param("backend", str, "auto", "kernel: auto, windows (the 2 x 2 windows reshaped), gather (tiled), strips "
+              "(column slices), flex (compiled FlexAttention), triton / xformers (opt-in), reference (dense mask)",
+              choices=("auto", "windows", "gather", "strips", "flex", "triton", "xformers", "reference")),
     ),
     install=_install,
     grid_pattern=hidiffusion_grid_pattern,
