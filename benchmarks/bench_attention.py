@@ -15,8 +15,10 @@ Per case (method x shape) it reports:
   (gather) or its BlockMask (flex), what the processors cache in the run context;
 * dense / sparse: median wall time of dense SDPA (``diffusion_attn.kernels.sdpa``, what the stock
   processor runs) and of ``pattern_attention(..., backend=<case backend>, schedule= / block_mask=...)``
-  on the same q, k, v. Backends: ``gather`` (tiled gather + SDPA) and, for radial, ``flex`` (compiled
-  FlexAttention; its first call compiles, reported as "first call s" and excluded from the medians).
+  on the same q, k, v. Backends: ``gather`` (tiled gather + SDPA), for GNA also ``strips`` (keys gathered
+  once per column and sliced per tile; what ``auto`` picks for box patterns on CPU) and, for radial,
+  ``flex`` (compiled FlexAttention; its first call compiles, reported as "first call s" and excluded from
+  the medians).
   Dense and sparse repeats are interleaved (D S D S ..., order alternating) in the same process so that
   load from other processes on a shared machine hits both alike; the medians are reported;
 * speedup = dense / sparse; ideal = 1 / density; efficiency = speedup / ideal = speedup * density
@@ -41,6 +43,7 @@ for both kernels, so times scale linearly and the speedup does not depend on it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -60,7 +63,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from diffusion_attn import TokenLayout  # noqa: E402
-from diffusion_attn.kernels import build_schedule, pattern_attention, sdpa  # noqa: E402
+from diffusion_attn.kernels import build_schedule, pattern_attention, sdpa, strip_plan  # noqa: E402
 from diffusion_attn.kernels.flex import FLEX_BLOCK, block_occupancy, flex_block_mask  # noqa: E402
 from diffusion_attn.kernels.simulate import predicted_speedup  # noqa: E402
 from diffusion_attn.patterns import neighborhood_pattern, radial_pattern, shifted_window_pattern  # noqa: E402
@@ -87,7 +90,7 @@ class Case:
     head_dim: int
     text_len: int = 0
     text_position: str = "last"
-    backend: str = "gather"  # gather | flex
+    backend: str = "gather"  # gather | strips | flex
 
     @property
     def layout(self) -> TokenLayout:
@@ -112,10 +115,16 @@ def wan_cases(grid, heads, tag, window, strided_stride) -> list[Case]:
         Case(f"radial-wan-{tag}", "radial", t, grid, "decay 0.2, sink (Wan defaults)", _radial(0.2, True), heads, 12, 128),
         Case(f"radial-wan-{tag}-flex", "radial", t, grid, "decay 0.2, sink (Wan defaults)", _radial(0.2, True), heads, 12, 128,
              backend="flex"),
-        Case(f"gna-sliding-wan-{tag}", "gna", t, grid, f"window {window}, stride 1", _gna(window, 1), heads, 12, 128),
-        Case(f"gna-strided-wan-{tag}", "gna", t, grid, f"window {window}, stride {strided_stride}", _gna(window, strided_stride), heads, 12, 128),
+        *with_strips(Case(f"gna-sliding-wan-{tag}", "gna", t, grid, f"window {window}, stride 1", _gna(window, 1), heads, 12, 128)),
+        *with_strips(Case(f"gna-strided-wan-{tag}", "gna", t, grid, f"window {window}, stride {strided_stride}",
+                          _gna(window, strided_stride), heads, 12, 128)),
         Case(f"gna-blocked-wan-{tag}", "gna", t, grid, f"window = stride = {window}", _gna(window, window), heads, 12, 128),
     ]
+
+
+def with_strips(case: Case) -> list[Case]:
+    """A gather case and the same case on the strip kernel (``<name>-strips``)."""
+    return [case, dataclasses.replace(case, name=case.name + "-strips", backend="strips")]
 
 
 def full_cases() -> list[Case]:
@@ -131,7 +140,7 @@ def full_cases() -> list[Case]:
         ((128, 128), 2, "2048", [((64, 64), (16, 16)), ((48, 48), (16, 16))]),
     ):
         for window, stride in configs:
-            cases.append(Case(
+            cases += with_strips(Case(
                 f"gna-flux-{tag}-w{window[0]}s{stride[0]}", "gna", f"Flux.1 {tag}^2", grid,
                 f"window {window}, stride {stride}", _gna(window, stride), heads, 24, 128, 512, "first",
             ))
@@ -146,16 +155,21 @@ def large_cases() -> list[Case]:
     """The issue's large shapes, one head timed (dense SDPA alone takes 20-70 s per head here):
     Wan 2.1 14B 720p 81 frames (40 heads x 128; 1280x720 -> latent 90x160 -> patch 2 -> 45x80 per
     frame), HunyuanVideo 720p in the GNA paper's layout (30x48x80, 24 heads x 128, 256 text tokens
-    last) and Flux.1 at 4096^2 (256x256 + 512 text first) with the GNA paper's 4K window."""
+    last), Mochi 1 at 480 x 848, 163 frames (24 heads x 128; latent 28 x 60 x 106 -> patch 2 -> 28x30x53,
+    256 text tokens last) and Flux.1 at 4096^2 (256x256 + 512 text first) with the GNA paper's 4K
+    window."""
     return [
         Case("radial-wan14b-720p-81f-flex", "radial", "Wan-14B 720p 81f", (21, 45, 80), "decay 0.2, sink (Wan defaults)",
              _radial(0.2, True), 1, 40, 128, backend="flex"),
         Case("radial-hunyuan-720p-flex", "radial", "HunyuanVideo 720p", (30, 48, 80), "decay 0.95 (HunyuanVideo defaults)",
              _radial(0.95, False), 1, 24, 128, 256, "last", backend="flex"),
-        Case("gna-hunyuan-720p-paper", "gna", "HunyuanVideo 720p", (30, 48, 80), "window (18, 24, 24), stride (16, 8, 8) (GNA paper)",
-             _gna((18, 24, 24), (16, 8, 8)), 1, 24, 128, 256, "last"),
-        Case("gna-flux-4096-paper", "gna", "Flux.1 4096^2", (256, 256), "window (80, 80), stride (16, 16) (GNA paper)",
-             _gna((80, 80), (16, 16)), 1, 24, 128, 512, "first"),
+        Case("radial-mochi-480p-163f-flex", "radial", "Mochi 1 480p 163f", (28, 30, 53),
+             "decay 0.95, no sink (this pack's Mochi defaults)", _radial(0.95, False), 1, 24, 128, 256, "last", backend="flex"),
+        *with_strips(Case("gna-hunyuan-720p-paper", "gna", "HunyuanVideo 720p", (30, 48, 80),
+                          "window (18, 24, 24), stride (16, 8, 8) (GNA paper)", _gna((18, 24, 24), (16, 8, 8)), 1, 24, 128,
+                          256, "last")),
+        *with_strips(Case("gna-flux-4096-paper", "gna", "Flux.1 4096^2", (256, 256), "window (80, 80), stride (16, 16) (GNA paper)",
+                          _gna((80, 80), (16, 16)), 1, 24, 128, 512, "first")),
     ]
 
 
@@ -165,7 +179,8 @@ def quick_cases() -> list[Case]:
         Case("radial-quick-flex", "radial", "video (quick)", (4, 16, 32), "decay 0.2, sink", _radial(0.2, True), 2, 2, 64,
              backend="flex"),
         Case("gna-sliding-quick", "gna", "video (quick)", (4, 16, 32), "window (3, 7, 11), stride 1", _gna((3, 7, 11)), 2, 2, 64),
-        Case("gna-strided-quick", "gna", "video (quick)", (4, 16, 32), "window (3, 8, 8), stride (1, 4, 4)", _gna((3, 8, 8), (1, 4, 4)), 2, 2, 64),
+        *with_strips(Case("gna-strided-quick", "gna", "video (quick)", (4, 16, 32), "window (3, 8, 8), stride (1, 4, 4)",
+                          _gna((3, 8, 8), (1, 4, 4)), 2, 2, 64)),
         Case("gna-blocked-quick", "gna", "video (quick)", (4, 16, 32), "window = stride = (2, 8, 8)", _gna((2, 8, 8), (2, 8, 8)), 2, 2, 64),
         Case("gna-flux-quick", "gna", "image + text (quick)", (48, 48), "window (16, 16), stride (8, 8)", _gna((16, 16), (8, 8)), 2, 2, 64, 64, "first"),
         Case("msw-quick", "msw", "UNet level (quick)", (48, 48), "2x2 windows, shift choice 1", _msw(1), 2, 2, 40),
@@ -188,11 +203,14 @@ def make_qkv(case: Case, seed: int = 0):
 
 
 def build(case: Case):
-    """The pattern and what the kernel caches per layout (gather: tile schedule; flex: BlockMask), timed."""
+    """The pattern and what the kernel caches per layout (gather: tile schedule; strips: strip plan; flex:
+    BlockMask), timed."""
     t0 = time.perf_counter()
     pattern = case.make_pattern(case.grid)
     if case.backend == "flex":
         prepared = flex_block_mask(pattern, case.layout, occupancy=block_occupancy(pattern, case.layout))
+    elif case.backend == "strips":
+        prepared = strip_plan(pattern)
     else:
         prepared = build_schedule(pattern)
     return pattern, prepared, time.perf_counter() - t0
@@ -215,6 +233,8 @@ def runners(case: Case, pattern, prepared, q, k, v):
     dense = lambda: sdpa(q, k, v)  # noqa: E731
     if case.backend == "flex":
         sparse = lambda: pattern_attention(q, k, v, pattern, layout, backend="flex", block_mask=prepared)  # noqa: E731
+    elif case.backend == "strips":
+        sparse = lambda: pattern_attention(q, k, v, pattern, layout, backend="strips", strips=prepared)  # noqa: E731
     else:
         sparse = lambda: pattern_attention(q, k, v, pattern, layout, backend="gather", schedule=prepared)  # noqa: E731
     return dense, sparse
@@ -508,7 +528,7 @@ def markdown(rows: list[dict], hidi: list[dict] | str, meta: dict, errors=()) ->
         "",
         "density / visited: allowed / computed (query, key) pairs over S^2, text rows and columns included. "
         "predicted: the tile-level upper bound on the speedup (`diffusion-attn simulate`; flex: 128 x 128 tiles, "
-        "gather: 1 / visited of its schedule). "
+        "gather / strips: 1 / visited of its schedule / plan). "
         "efficiency = speedup x density; eff. vs visited = speedup x visited density (how fast the kernel is per "
         "computed pair, relative to dense SDPA: below 1 = gather / mask / small-tile overhead). peak MB: resident-set growth during one call in a fresh process "
         "(inputs and the prebuilt schedule excluded; flex: the call after the compiling one). first call s: flex's "
@@ -567,6 +587,9 @@ def main(argv=None):
     p.add_argument("--unet-latent", type=int, default=None, help="hidiffusion latent size (default 128 = 1024^2 px)")
     p.add_argument("--unet-steps", type=int, default=None, help="steps of the hidiffusion DDIM loop (default 4)")
     p.add_argument("--unet-repeats", type=int, default=1, help="repeats of the hidiffusion loop (default 1)")
+    p.add_argument("--merge", default=None, metavar="JSON",
+                   help="keep the rows (and the HiDiffusion result) of an earlier --json of this script, replacing the "
+                        "cases measured again; both commands are listed")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
@@ -601,6 +624,14 @@ def main(argv=None):
     meta = machine_info(args.threads)
     meta.update(date=DATE, repeats=args.repeats,
                 command="python " + " ".join([os.path.relpath(__file__, os.getcwd()), *(argv if argv is not None else sys.argv[1:])]))
+    earlier_rows, earlier_hidi = [], None
+    if args.merge:
+        try:
+            data = json.loads(Path(args.merge).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            p.error(f"--merge: cannot read {args.merge}: {e}")
+        earlier_rows, earlier_hidi = data.get("rows", []), data.get("hidiffusion")
+        meta["command"] = f"{data.get('meta', {}).get('command', '?')}`, then `{meta['command']}"
     print(f"# {meta['cpu']}, {meta['cores']} cores, torch {meta['torch']}, {args.threads} threads", flush=True)
 
     # global warm-up: first calls pay for thread pools and page faults
@@ -638,6 +669,13 @@ def main(argv=None):
             print(hidi, flush=True)
     print(f"# total {time.perf_counter() - t_start:.0f}s", flush=True)
 
+    if args.merge:  # earlier rows in case order, this run's replacing those it measured again
+        new = {r["name"]: r for r in rows}
+        order = [c.name for c in cases]
+        merged = {r["name"]: r for r in earlier_rows} | new
+        rows = sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+        if isinstance(hidi, str) and hidi.startswith("not run") and earlier_hidi is not None:
+            hidi = earlier_hidi
     out.write_text(markdown(rows, hidi, meta, errors))
     print(f"wrote {out}")
     if args.json:

@@ -80,7 +80,7 @@ if str(ROOT) not in sys.path:
 
 import diffusion_attn as da  # noqa: E402
 from diffusion_attn import TokenLayout  # noqa: E402
-from diffusion_attn.kernels import choose_backend  # noqa: E402
+from diffusion_attn.kernels import choose_backend, strip_plan  # noqa: E402
 from diffusion_attn.kernels.simulate import predicted_speedup, simulate  # noqa: E402
 from diffusion_attn.registry import get_method  # noqa: E402
 
@@ -485,6 +485,8 @@ def pattern_stats(case: Case, v: Variant) -> dict:
     density, predicted = simulate(pattern, layout, q_tile=128, kv_tile=128).density, None
     if backend == "windows":  # the windows partition the grid: no masked work, the bound is 1 / density
         predicted = 1.0 / density
+    elif backend == "strips":  # pairs its plan computes
+        predicted = strip_plan(pattern).predicted_speedup(layout.text_len)
     else:
         try:
             predicted = predicted_speedup(pattern, layout, backend).speedup
@@ -670,7 +672,7 @@ def markdown(rows: list[dict], meta: dict, errors=(), pending: str = "") -> str:
         "from the process's CPU time (all threads), less sensitive to other processes taking the cores (time waiting "
         "for a core does not count; spinning threads and cache pressure still do). attn core s: time in the attention core of "
         "the self-attention layers during the step (Wan `attn1`, Flux `attn` of every block, UNet `attn1` of every "
-        "level): SDPA in dense layers, the method's kernel (`prepared_attention`: gather / windows / flex / reference, "
+        "level): SDPA in dense layers, the method's kernel (`prepared_attention`: gather / strips / windows / flex / reference, "
         "with its per-call work) in sparse ones. backend: what `auto` picks for the layout. core share: its share of the dense step. self-attn modules s: the whole "
         "modules (q/k/v/output projections, norms, RoPE and core). density: the method's allowed "
         "(query, key) pairs / S^2 of the replaced layers (text included). predicted core: the tile-level upper bound "

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 MARKERS = {"gna": "o", "radial": "s", "msw": "^", "hidiffusion": "D"}
-COLORS = {"gather": "tab:blue", "flex": "tab:orange", "windows": "tab:cyan", "reference": "tab:green",
+COLORS = {"gather": "tab:blue", "strips": "tab:olive", "flex": "tab:orange", "windows": "tab:cyan", "reference": "tab:green",
           "dense": "tab:gray", "triton": "tab:red", "natten": "tab:purple", "xformers": "tab:brown"}
 
 

@@ -43,16 +43,21 @@ def padding(layout, batch, rng):
     return kpm
 
 
-@pytest.mark.parametrize("seed", range(16))
-def test_gather_equals_reference_gna(seed):
+def random_gna_case(seed):
+    """A random GNA pattern (rank 1-3, any stride / dilation) on a layout with random text and padding,
+    inputs and the dense-mask reference: ``(rng, pattern, layout, (q, k, v), kpm, ref)``."""
     rng = random.Random(seed)
-    cfg = random_gna_config(rng, rng.choice([1, 2, 3]))
-    pattern = neighborhood_pattern(*cfg)
-    layout = TokenLayout(cfg[0], rng.choice([0, 1, 5, 17]), rng.choice(["first", "last"]))
+    pattern = neighborhood_pattern(*random_gna_config(rng, rng.choice([1, 2, 3])))
+    layout = TokenLayout(pattern.grid, rng.choice([0, 1, 5, 17]), rng.choice(["first", "last"]))
     q, k, v = qkv(layout, batch=rng.choice([1, 2]), seed=seed)
     kpm = padding(layout, q.shape[0], rng)
-    ref = masked_attention(q, k, v, pattern.dense_mask(), layout, kpm)
-    tile = tuple(rng.randint(1, g) for g in cfg[0])
+    return rng, pattern, layout, (q, k, v), kpm, masked_attention(q, k, v, pattern.dense_mask(), layout, kpm)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_gather_equals_reference_gna(seed):
+    rng, pattern, layout, (q, k, v), kpm, ref = random_gna_case(seed)
+    tile = tuple(rng.randint(1, g) for g in pattern.grid)
     out = pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend="gather", schedule=build_schedule(pattern, tile))
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-5)
     auto = pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend="gather")

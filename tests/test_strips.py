@@ -12,29 +12,23 @@ from diffusion_attn.kernels.strips import _extra_keys_lse, attention_lse
 from diffusion_attn.patterns import neighborhood_pattern, radial_pattern, shifted_window_pattern
 from diffusion_attn.patterns.base import RUNS
 
-from test_kernels import ATOL, CountingCache, padding, qkv
-from test_patterns import random_gna_config
+from test_kernels import ATOL, CountingCache, padding, qkv, random_gna_case
 
 
 @pytest.mark.parametrize("seed", range(16))
 def test_strips_equal_reference_gna(seed):
     """Random GNA (any rank, stride, dilation), every slide axis, random tiles of the other axes, text
     first / last / none with random padding, and a chunk budget small enough to split the columns."""
-    rng = random.Random(seed)
-    cfg = random_gna_config(rng, rng.choice([1, 2, 3]))
-    pattern = neighborhood_pattern(*cfg)
-    layout = TokenLayout(cfg[0], rng.choice([0, 1, 5, 17]), rng.choice(["first", "last"]))
-    q, k, v = qkv(layout, batch=rng.choice([1, 2]), seed=seed)
-    kpm = padding(layout, q.shape[0], rng)
-    ref = masked_attention(q, k, v, pattern.dense_mask(), layout, kpm)
-    for axis in range(len(cfg[0])):
-        tiles = tuple(rng.choice([RUNS, rng.randint(1, g)]) for g in cfg[0])
+    rng, pattern, layout, (q, k, v), kpm, ref = random_gna_case(seed)
+    grid = pattern.grid
+    for axis in range(len(grid)):
+        tiles = tuple(rng.choice([RUNS, rng.randint(1, g)]) for g in grid)
         plan = strip_plan(pattern, axis=axis, tiles=tiles)
         assert plan.axis == axis and plan.tiles[axis] == RUNS
         out = pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend="strips", strips=plan)
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-5)
     img = layout.image_slice
-    grid_only = masked_attention(q[:, img], k[:, img], v[:, img], pattern.dense_mask(), TokenLayout(cfg[0]))
+    grid_only = masked_attention(q[:, img], k[:, img], v[:, img], pattern.dense_mask(), TokenLayout(grid))
     out = strip_attention(q[:, img], k[:, img], v[:, img], strip_plan(pattern), max_chunk_bytes=1)
     torch.testing.assert_close(out, grid_only, atol=ATOL, rtol=1e-5)
 

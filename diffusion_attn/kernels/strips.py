@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..patterns.base import RUNS, AxisTiles, BoxPattern, _outer, combined_mask_fn
+from ..patterns.base import RUNS, AxisTiles, BoxPattern, PairCounts, combined_mask_fn, mask_fn_on, outer_combine
 from .tiling import axis_options
 
 __all__ = ["StripPlan", "strip_plan", "strip_attention", "attention_lse"]
@@ -51,7 +51,7 @@ class StripColumns:
 
 
 @dataclass
-class StripPlan:
+class StripPlan(PairCounts):
     """Everything :func:`strip_attention` needs for one pattern, built once per layout."""
 
     axis: int  # the slide axis
@@ -63,21 +63,14 @@ class StripPlan:
     allowed_pairs: int
     visited_pairs: int
 
-    @property
-    def density(self) -> float:
-        return self.allowed_pairs / float(self.num_queries) ** 2
-
-    @property
-    def visited_density(self) -> float:
-        return self.visited_pairs / float(self.num_queries) ** 2
+    def predicted_speedup(self, text_len: int = 0) -> float:
+        """Upper bound on the speedup over dense attention: S^2 over the pairs computed (grid pairs of the
+        plan; text queries see every key and grid queries every text key)."""
+        n, t = self.num_queries, text_len
+        return (n + t) ** 2 / float(self.visited_pairs + n * t + t * (n + t))
 
     def to(self, device) -> "StripPlan":
-        cols = []
-        for c in self.columns:
-            fn = c.mask_fn
-            if fn is not None:
-                fn = (lambda f: (lambda c0, c1: f(c0, c1).to(device)))(fn)
-            cols.append(StripColumns(c.qcols.to(device), c.kcols.to(device), fn))
+        cols = [StripColumns(c.qcols.to(device), c.kcols.to(device), mask_fn_on(c.mask_fn, device)) for c in self.columns]
         return StripPlan(self.axis, self.slide_offsets.to(device), self.slide_tiles, cols, self.tiles,
                          self.num_queries, self.allowed_pairs, self.visited_pairs)
 
@@ -148,8 +141,8 @@ def strip_plan(pattern: BoxPattern, axis: int | None = None, tiles: tuple | None
     columns = []
     for combo in itertools.product(*per_axis):
         if combo:
-            qcols = _outer([c.queries for c in combo], other_strides, "sum")
-            kcols = _outer([c.keys for c in combo], other_strides, "sum")
+            qcols = outer_combine([c.queries for c in combo], other_strides, "sum")
+            kcols = outer_combine([c.keys for c in combo], other_strides, "sum")
         else:  # a 1-D grid: one column, the slide axis itself
             qcols = kcols = torch.zeros(1, 1, dtype=torch.long)
         columns.append(StripColumns(qcols, kcols, combined_mask_fn(combo) if combo else None))
@@ -202,11 +195,11 @@ def strip_attention(
     extra_v: torch.Tensor | None = None,
     extra_valid: torch.Tensor | None = None,
     scale: float | None = None,
-    max_chunk_bytes: int = 256 * 2**20,
+    max_chunk_bytes: int = 64 * 2**20,
 ) -> torch.Tensor:
     """Attention of grid queries over grid keys (by ``plan``) plus optional extra dense keys: the same
     contract as :func:`~diffusion_attn.kernels.gather.gather_attention`. ``max_chunk_bytes`` bounds the
-    gathered column keys and values held at once."""
+    gathered column keys and values (and masks) held at once."""
     B, N, H, D = q.shape
     Dv = v.shape[-1]
     out = q.new_empty(B, N, H, Dv)
@@ -214,10 +207,14 @@ def strip_attention(
     lse_grid = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if need_lse else None
     offsets = plan.slide_offsets
     L = offsets.numel()
+    t_max = max(st.qpos.shape[1] for st in plan.slide_tiles)
+    box_max = max(st.box for st in plan.slide_tiles)
     for cols in plan.columns:
         C, K = cols.kcols.shape
         tq_o = cols.qcols.shape[1]
-        per_col = B * H * L * K * (D + Dv) * q.element_size()
+        per_col = B * H * L * K * (D + Dv) * q.element_size()  # gathered keys and values
+        if cols.mask_fn is not None:  # the tile mask, as SDPA's float mask
+            per_col += B * t_max * tq_o * box_max * K * 4
         chunk = max(1, min(C, max_chunk_bytes // max(per_col, 1)))
         for c0 in range(0, C, chunk):
             c1 = min(C, c0 + chunk)
@@ -245,6 +242,7 @@ def strip_attention(
                     else:
                         o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask, scale=scale)
                     out[:, qidx] = o.view(B, c, H, tq, Dv).transpose(2, 3)
+            del kc, vc, kk, vv, colmask, mask  # free this chunk before gathering the next
     if not need_lse:
         return out
     out_x, lse_x = _extra_keys_lse(q, extra_k, extra_v, extra_valid, scale)

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["AxisTiles", "AxisWindows", "RUNS", "BoxPattern", "BlockPattern", "Bucket", "Schedule"]
+__all__ = ["AxisTiles", "AxisWindows", "RUNS", "PairCounts", "BoxPattern", "BlockPattern", "Bucket", "Schedule"]
 
 
 @dataclass
@@ -45,8 +45,29 @@ class Bucket:
         return None if self.mask_fn is None else self.mask_fn(g0, g1)
 
 
+class PairCounts:
+    """Densities of a tiling with ``num_queries``, ``allowed_pairs`` and ``visited_pairs`` (over the grid)."""
+
+    num_queries: int
+    allowed_pairs: int
+    visited_pairs: int
+
+    @property
+    def density(self) -> float:
+        return self.allowed_pairs / float(self.num_queries) ** 2
+
+    @property
+    def visited_density(self) -> float:
+        return self.visited_pairs / float(self.num_queries) ** 2
+
+
+def mask_fn_on(fn, device):
+    """A tile-mask function ``fn(i0, i1)`` whose masks land on ``device`` (None stays None)."""
+    return None if fn is None else (lambda i0, i1: fn(i0, i1).to(device))
+
+
 @dataclass
-class Schedule:
+class Schedule(PairCounts):
     """A partition of the grid queries into tiles; every query is in exactly one tile."""
 
     buckets: list[Bucket]
@@ -57,21 +78,8 @@ class Schedule:
     def __post_init__(self):
         self.visited_pairs = sum(b.qidx.numel() * b.kidx.shape[1] for b in self.buckets)
 
-    @property
-    def density(self) -> float:
-        return self.allowed_pairs / float(self.num_queries) ** 2
-
-    @property
-    def visited_density(self) -> float:
-        return self.visited_pairs / float(self.num_queries) ** 2
-
     def to(self, device) -> "Schedule":
-        moved = []
-        for b in self.buckets:
-            fn = b.mask_fn
-            if fn is not None:
-                fn = (lambda f: (lambda g0, g1: f(g0, g1).to(device)))(fn)
-            moved.append(Bucket(b.qidx.to(device), b.kidx.to(device), fn))
+        moved = [Bucket(b.qidx.to(device), b.kidx.to(device), mask_fn_on(b.mask_fn, device)) for b in self.buckets]
         return Schedule(moved, self.num_queries, self.allowed_pairs)
 
 
@@ -245,7 +253,7 @@ def _product(lists):
             yield (head,) + rest
 
 
-def _outer(tensors, strides, op):
+def outer_combine(tensors, strides, op):
     """Combine per-axis (n_a, x_a) tensors into (prod n_a, prod x_a) by row-major broadcasting."""
     n = len(tensors)
     out = None
@@ -259,8 +267,8 @@ def _outer(tensors, strides, op):
 
 
 def _box_bucket(combo, strides) -> Bucket:
-    qidx = _outer([c.queries for c in combo], strides, "sum")
-    kidx = _outer([c.keys for c in combo], strides, "sum")
+    qidx = outer_combine([c.queries for c in combo], strides, "sum")
+    kidx = outer_combine([c.keys for c in combo], strides, "sum")
     mask_fn = combined_mask_fn(combo)
     return Bucket(qidx, kidx, mask_fn)
 
