@@ -156,8 +156,10 @@ def strip_plan(pattern: BoxPattern, axis: int | None = None, tiles: tuple | None
 def attention_lse(q, k, v, mask=None, scale=None):
     """SDPA that also returns the log-sum-exp of each query's scores: ``(out, lse)``, ``lse`` float32
     (B, H, L). ``q, k, v``: (B, H, L, D) (strided views are fine); ``mask``: boolean, broadcastable to
-    (B, H, Lq, Lk), True = attend. On CPU this is ATen's flash kernel; elsewhere an explicit softmax."""
-    if q.device.type == "cpu":
+    (B, H, Lq, Lk), True = attend. On CPU this is ATen's flash kernel; elsewhere, and whenever autograd
+    records (the flash kernel's backward ignores the gradient of its LSE output), an explicit softmax."""
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and not recording:
         float_mask = None
         if mask is not None:
             float_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
@@ -169,7 +171,7 @@ def attention_lse(q, k, v, mask=None, scale=None):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
+    weights = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no allowed key: zeros
     return torch.matmul(weights, v.float()).to(v.dtype), lse
 
 
