@@ -232,24 +232,12 @@ def window_attention(
     laid out as ``layout``. Same contract as :func:`~diffusion_attn.kernels.pattern_attention`:
     ``q, k, v`` (B, S, heads, head_dim); ``key_padding_mask`` (B, S) bool, True = real token, only text
     tokens may be padded. Returns (B, S, heads, head_dim_v)."""
-    if tuple(layout.grid) != tuple(plan.grid):
-        raise ValueError(f"window plan is for grid {plan.grid}, layout has {layout.grid}")
     B, S, H, D = q.shape
     Dv = v.shape[-1]
-    img, txt = layout.image_slice, layout.text_slice
-    kpm = check_inputs(q, k, layout, key_padding_mask)
+    txt = layout.text_slice
     X = layout.text_len
-
-    out = q.new_empty(B, S, H, Dv)
-    qi, ki, vi = q[:, img], k[:, img], v[:, img]
-    perms = plan.perm_on(q.device)
-    if perms is not None:
-        qi, ki, vi = (t.index_select(1, perms[0]) for t in (qi, ki, vi))
-        out_img = q.new_empty(B, layout.num_image, H, Dv)
-    else:
-        out_img = out[:, img]
-    shape3 = (B, *plan.grid3, H)
-    qg, kg, vg, og = qi.reshape(*shape3, D), ki.reshape(*shape3, D), vi.reshape(*shape3, Dv), out_img.view(*shape3, Dv)
+    kpm, grids, out, og = window_grids(q, k, v, plan, layout, key_padding_mask)
+    qg, kg, vg = grids
     if X:
         text_k, text_v = k[:, txt], v[:, txt]  # (B, X, H, D)
         tvalid = None if kpm is None else kpm[:, txt]
@@ -288,9 +276,37 @@ def window_attention(
                                                attn_mask=mask, scale=scale)
             o = o.transpose(1, 2).reshape(B, *n, *(g.q_size for g in combo), H, Dv)
             _windows(og, combo, "q", axis, c0, c1).copy_(o)
+    return finish_windows(out, og, q, k, v, plan, layout, kpm, scale)
 
+
+def window_grids(q, k, v, plan: WindowPlan, layout: TokenLayout, key_padding_mask=None):
+    """Set-up shared by the window kernels: checks the inputs, puts the grid tokens of ``q, k, v`` in the
+    plan's order as (B, *plan.grid3, heads, D) tensors, and allocates the output.
+
+    Returns ``(kpm, (qg, kg, vg), out, og)``: ``out`` (B, S, heads, Dv) is the result, ``og`` the
+    (B, *plan.grid3, heads, Dv) grid output to fill (a view of ``out`` unless the plan permutes); hand
+    both to :func:`finish_windows`."""
+    if tuple(layout.grid) != tuple(plan.grid):
+        raise ValueError(f"window plan is for grid {plan.grid}, layout has {layout.grid}")
+    B, S, H, _ = q.shape
+    Dv = v.shape[-1]
+    kpm = check_inputs(q, k, layout, key_padding_mask)
+    img = layout.image_slice
+    grid = (q[:, img], k[:, img], v[:, img])
+    perms = plan.perm_on(q.device)
     if perms is not None:
-        out[:, img] = out_img.index_select(1, perms[1])
-    if X:
-        out[:, txt] = text_query_attention(q, k, v, layout, kpm, scale)
+        grid = tuple(t.index_select(1, perms[0]) for t in grid)
+    shape3 = (B, *plan.grid3, H)
+    out = q.new_empty(B, S, H, Dv)
+    out_img = q.new_empty(B, layout.num_image, H, Dv) if perms is not None else out[:, img]
+    return kpm, tuple(t.reshape(*shape3, t.shape[-1]) for t in grid), out, out_img.view(*shape3, Dv)
+
+
+def finish_windows(out, og, q, k, v, plan: WindowPlan, layout: TokenLayout, kpm, scale):
+    """The end of a window kernel: grid outputs back in token order, text queries over every key."""
+    perms = plan.perm_on(q.device)
+    if perms is not None:
+        out[:, layout.image_slice] = og.reshape(out.shape[0], layout.num_image, *out.shape[2:]).index_select(1, perms[1])
+    if layout.text_len:
+        out[:, layout.text_slice] = text_query_attention(q, k, v, layout, kpm, scale)
     return out

@@ -24,8 +24,7 @@ import math
 import torch
 
 from ..layout import TokenLayout
-from .reference import check_inputs, text_query_attention
-from .windows import WindowPlan, _windows, window_partition
+from .windows import WindowPlan, _windows, finish_windows, window_grids, window_partition
 
 __all__ = ["available", "require", "supports", "xformers_attention"]
 
@@ -76,19 +75,10 @@ def xformers_attention(
     """:func:`~diffusion_attn.kernels.windows.window_attention` with the windows' attention in one
     ``memory_efficient_attention`` call (same contract and result)."""
     xops = require()
-    if tuple(layout.grid) != tuple(plan.grid):
-        raise ValueError(f"window plan is for grid {plan.grid}, layout has {layout.grid}")
     B, S, H, D = q.shape
     Dv = v.shape[-1]
-    img, txt = layout.image_slice, layout.text_slice
-    kpm = check_inputs(q, k, layout, key_padding_mask)
-
-    qi, ki, vi = q[:, img], k[:, img], v[:, img]
-    perms = plan.perm_on(q.device)
-    if perms is not None:
-        qi, ki, vi = (t.index_select(1, perms[0]) for t in (qi, ki, vi))
-    shape3 = (B, *plan.grid3, H)
-    qg, kg, vg = qi.reshape(*shape3, D), ki.reshape(*shape3, D), vi.reshape(*shape3, Dv)
+    txt = layout.text_slice
+    kpm, (qg, kg, vg), out, og = window_grids(q, k, v, plan, layout, key_padding_mask)
     text = []  # per batch row: (text keys, text values) actually attended
     for b in range(B):
         tk, tv = k[b, txt], v[b, txt]
@@ -121,9 +111,6 @@ def xformers_attention(
         torch.cat(q_parts)[None], torch.cat(k_parts)[None], torch.cat(v_parts)[None], attn_bias=bias, scale=scale,
     )[0]  # (total queries, H, Dv)
 
-    out = q.new_empty(B, S, H, Dv)
-    out_img = q.new_empty(B, layout.num_image, H, Dv) if perms is not None else out[:, img]
-    og = out_img.view(*shape3, Dv)
     pos = 0
     for combo in combos:
         n = math.prod(g.count for g in combo)
@@ -133,8 +120,4 @@ def xformers_attention(
         o = packed[pos : pos + B * n * tq].view(B, *counts, *sizes, H, Dv)
         _windows(og, combo, "q").copy_(o)
         pos += B * n * tq
-    if perms is not None:
-        out[:, img] = out_img.index_select(1, perms[1])
-    if layout.text_len:
-        out[:, txt] = text_query_attention(q, k, v, layout, kpm, scale)
-    return out
+    return finish_windows(out, og, q, k, v, plan, layout, kpm, scale)
