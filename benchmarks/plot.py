@@ -163,40 +163,35 @@ def plot(att: list[dict], den: list[dict], out: Path, title: str = "") -> Path:
             axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.grid(True, which="major", alpha=0.3)
 
+    def _panel(ax, series, diagonal_label, xlabel, title, empty_text):
+        """One log-log scatter panel: ``series`` = [(points, x key, y key, label, hollow)], with the y = x
+        diagonal over the range of every point."""
+        values = [p[key] for pts, x, y, _, _ in series for p in pts for key in (x, y)]
+        lo, hi = _bounds(values)
+        _diagonal(ax, lo, hi, diagonal_label)
+        for pts, x, y, label, hollow in series:
+            _scatter(ax, pts, x, y, label, hollow=hollow)
+        logaxes(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("measured speedup over dense")
+        ax.set_title(title)
+        if values:
+            ax.legend(fontsize=7, loc="upper left")
+        else:
+            ax.text(0.5, 0.5, empty_text, transform=ax.transAxes, ha="center")
+
     # -- 1: measured vs ideal 1 / density --------------------------------------------------------------
-    ax = axes[0]
     den_attn = [p for p in den if p["ideal"] and p["attn"]]
-    lo, hi = _bounds([p["ideal"] for p in att] + [p["measured"] for p in att]
-                     + [p["ideal"] for p in den_attn] + [p["attn"] for p in den_attn])
-    _diagonal(ax, lo, hi)
-    _scatter(ax, att, "ideal", "measured", "attention op")
-    _scatter(ax, den_attn, "ideal", "attn", "attention core in a denoiser step", hollow=True)
-    logaxes(ax)
-    ax.set_xlabel("ideal speedup 1 / density")
-    ax.set_ylabel("measured speedup over dense")
-    ax.set_title("Attention: measured vs ideal")
-    if att or den_attn:
-        ax.legend(fontsize=7, loc="upper left")
-    else:
-        ax.text(0.5, 0.5, "no attention rows", transform=ax.transAxes, ha="center")
+    _panel(axes[0], [(att, "ideal", "measured", "attention op", False),
+                     (den_attn, "ideal", "attn", "attention core in a denoiser step", True)],
+           "ideal (y = x)", "ideal speedup 1 / density", "Attention: measured vs ideal", "no attention rows")
 
     # -- 2: predicted vs measured ------------------------------------------------------------------------
-    ax = axes[1]
     att_pred = [p for p in att if p["predicted"]]
     den_pred = [p for p in den if p["predicted_e2e"]]
-    lo, hi = _bounds([p["predicted"] for p in att_pred] + [p["measured"] for p in att_pred]
-                     + [p["predicted_e2e"] for p in den_pred] + [p["measured"] for p in den_pred])
-    _diagonal(ax, lo, hi, "measured = predicted")
-    _scatter(ax, att_pred, "predicted", "measured", "attention op (tile bound)")
-    _scatter(ax, den_pred, "predicted_e2e", "measured", "denoiser step (Amdahl bound)", hollow=True)
-    logaxes(ax)
-    ax.set_xlabel("predicted upper bound")
-    ax.set_ylabel("measured speedup over dense")
-    ax.set_title("Predicted vs measured")
-    if att_pred or den_pred:
-        ax.legend(fontsize=7, loc="upper left")
-    else:
-        ax.text(0.5, 0.5, "no rows with a prediction", transform=ax.transAxes, ha="center")
+    _panel(axes[1], [(att_pred, "predicted", "measured", "attention op (tile bound)", False),
+                     (den_pred, "predicted_e2e", "measured", "denoiser step (Amdahl bound)", True)],
+           "measured = predicted", "predicted upper bound", "Predicted vs measured", "no rows with a prediction")
 
     # -- 3: denoiser step, end to end ----------------------------------------------------------------------
     if den:
