@@ -62,9 +62,7 @@ def axis_options(axis: AxisWindows, limit: int = 6) -> list[tuple]:
         opts.append((t, groups))
     pairs = lambda o: sum(n * t * k for n, t, k, _ in o[1])  # noqa: E731
     keep = sorted(opts, key=lambda o: (pairs(o), -o[0]))[:limit] + sorted(opts, key=lambda o: -o[0])[:limit]
-    change = torch.ones(L, dtype=torch.bool)
-    change[1:] = (axis.lo[1:] != axis.lo[:-1]) | (axis.hi[1:] != axis.hi[:-1])
-    starts = torch.nonzero(change).flatten()
+    starts = axis.run_starts()
     lengths = torch.diff(starts, append=torch.tensor([L]))
     sizes = (axis.hi - axis.lo)[starts]
     runs: dict[tuple[int, int], int] = {}

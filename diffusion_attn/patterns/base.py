@@ -109,6 +109,12 @@ class AxisWindows:
         out[self.perm[:, None], self.perm[None, :]] = allowed_perm
         return out
 
+    def run_starts(self) -> torch.Tensor:
+        """Permuted positions where a run of queries with identical windows begins (the first is 0)."""
+        change = torch.ones(self.length, dtype=torch.bool)
+        change[1:] = (self.lo[1:] != self.lo[:-1]) | (self.hi[1:] != self.hi[:-1])
+        return torch.nonzero(change).flatten()
+
     def tiles(self, tile: "int | str") -> list["AxisTiles"]:
         """Split the axis into query tiles, grouped by shape (one :class:`AxisTiles` per shape).
 
@@ -120,9 +126,7 @@ class AxisWindows:
         """
         L = self.length
         if tile == RUNS:
-            change = torch.ones(L, dtype=torch.bool)
-            change[1:] = (self.lo[1:] != self.lo[:-1]) | (self.hi[1:] != self.hi[:-1])
-            starts = torch.nonzero(change).flatten().tolist() + [L]
+            starts = self.run_starts().tolist() + [L]
             spans = [(s, e, int(self.lo[s]), int(self.hi[s] - self.lo[s])) for s, e in zip(starts[:-1], starts[1:])]
         else:
             tile = max(1, min(int(tile), L))
