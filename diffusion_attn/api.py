@@ -157,7 +157,7 @@ def attach(model: torch.nn.Module) -> Handle:
         if id(proc) in seen:
             proc = copy.copy(proc)
         seen.add(id(proc))
-        new[name] = proc.bind(context, family, index[name])
+        new[name] = proc.bind(context, family, index[name], name)
         found.append(proc.method)
     if not found:
         raise ValueError("no diffusion_attn processor is installed on this model; nothing to attach")

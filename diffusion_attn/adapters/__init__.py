@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Family
+from .base import Family, layer_kind
 from .flux import FLUX
 from .hunyuan import HUNYUAN
 from .mochi import MOCHI
@@ -10,7 +10,7 @@ from .sd3 import SD3
 from .unet import UNET, level_grid
 from .wan import WAN
 
-__all__ = ["FAMILIES", "Family", "family_of", "level_grid"]
+__all__ = ["FAMILIES", "Family", "family_of", "layer_kind", "level_grid"]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX, SD3, WAN, HUNYUAN, MOCHI, UNET)}
 

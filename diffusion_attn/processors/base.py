@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters.base import layer_kind
 from ..kernels import prepared_attention
 from ..layout import TokenLayout
+from ..placement import Placement, Where
 
 __all__ = ["PatternProcessor", "key_padding_from_mask"]
 
@@ -44,17 +46,23 @@ class PatternProcessor:
     _parallel_config = None
     method = "base"
 
-    def __init__(self, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto", layer_index: int | None = None):
+    def __init__(self, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto", layer_index: int | None = None,
+                 placement: Placement | None = None):
         self.dense_layers = int(dense_layers)
         self.dense_steps = int(dense_steps)
+        #: where and when the pattern acts; ``dense_layers`` / ``dense_steps`` are its first-version form
+        self.placement = placement if placement is not None else Placement.from_dense(self.dense_layers, self.dense_steps)
         self.backend = backend
         self.layer_index = layer_index
+        self.layer_kind: str | None = None
         self.context = None
         self.family = None
 
-    def bind(self, context, family, layer_index: int) -> "PatternProcessor":
-        """Attach to a run context and model family (done by ``apply`` / ``attach``)."""
+    def bind(self, context, family, layer_index: int, name: str | None = None) -> "PatternProcessor":
+        """Attach to a run context and model family (done by ``apply`` / ``attach``); ``name`` (the
+        processor's module path) gives the layer kind placements select on."""
         self.context, self.family, self.layer_index = context, family, layer_index
+        self.layer_kind = None if name is None else layer_kind(name)
         return self
 
     # -- what subclasses define -------------------------------------------------------------------
@@ -66,9 +74,15 @@ class PatternProcessor:
         """Cache key of :meth:`pattern`'s result (patterns depend on the layout and fixed params)."""
         return (self.method, layout.grid)
 
+    def where(self) -> Where:
+        """This call as the placement sees it: layer, its kind, step (of how many) and branch name."""
+        ctx = self.context
+        return Where(layer=self.layer_index or 0, kind=self.layer_kind, step=ctx.step,
+                     num_steps=getattr(ctx, "num_steps", None), branch=getattr(ctx, "branch_name", None))
+
     def is_dense_now(self) -> bool:
-        """Placement: the first ``dense_layers`` layers and the first ``dense_steps`` steps stay dense."""
-        return (self.layer_index or 0) < self.dense_layers or self.context.step < self.dense_steps
+        """Placement: outside its layers, steps or branches the call stays dense (the stock attention)."""
+        return not self.placement.active(self.where())
 
     # -- machinery -------------------------------------------------------------------------------
     def __call__(

@@ -25,8 +25,9 @@ class GNAProcessor(PatternProcessor):
 
     method = "gna"
 
-    def __init__(self, window, stride=1, dilation=1, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto"):
-        super().__init__(dense_layers=dense_layers, dense_steps=dense_steps, backend=backend)
+    def __init__(self, window, stride=1, dilation=1, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto",
+                 placement=None):
+        super().__init__(dense_layers=dense_layers, dense_steps=dense_steps, backend=backend, placement=placement)
         self.window, self.stride, self.dilation = window, stride, dilation
 
     def pattern_key(self, layout: TokenLayout):

@@ -38,6 +38,6 @@ def install_processors(model, family, context, make: Callable[[int, str], object
     for name, index in layers if layers is not None else family.layers(model):
         proc = make(index, name)
         if proc is not None:
-            new[name] = proc.bind(context, family, index)
+            new[name] = proc.bind(context, family, index, name)
     set_processors(model, new)
     return [lambda: set_processors(model, original)]

@@ -32,8 +32,9 @@ class RadialProcessor(PatternProcessor):
 
     method = "radial"
 
-    def __init__(self, decay_factor: float = 1.0, sink: bool = False, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto"):
-        super().__init__(dense_layers=dense_layers, dense_steps=dense_steps, backend=backend)
+    def __init__(self, decay_factor: float = 1.0, sink: bool = False, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto",
+                 placement=None):
+        super().__init__(dense_layers=dense_layers, dense_steps=dense_steps, backend=backend, placement=placement)
         self.decay_factor, self.sink = float(decay_factor), bool(sink)
 
     def pattern_key(self, layout: TokenLayout):
