@@ -20,7 +20,7 @@ import itertools
 import torch
 
 from ..adapters.base import layer_kind
-from ..kernels import prepared_attention
+from ..kernels import pattern_attention, prepared_attention
 from ..layout import TokenLayout
 from ..placement import Placement, Where
 
@@ -185,13 +185,21 @@ class PatternProcessor:
 
     def pattern_core(self, q, k, v, layout: TokenLayout, attention_mask=None) -> torch.Tensor:
         """The pattern over the same q, k, v, through the kernels."""
-        key = self.pattern_key(layout)
-        pattern = self.current_pattern(layout)
+        dynamic = self.call_pattern(q, k, layout)
+        key = self.pattern_key(layout) if dynamic is None else None
+        pattern = self.current_pattern(layout) if dynamic is None else dynamic
         if pattern is None or pattern.is_full():
             return self.dense(q, k, v, attention_mask)
         kpm = key_padding_from_mask(attention_mask, q.shape[0], q.shape[1])
+        if dynamic is not None:  # chosen from this call's q and k: nothing to cache
+            return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=self.backend)
         return prepared_attention(q, k, v, pattern, layout, cached=self.context.cached, key=key,
                                   key_padding_mask=kpm, backend=self.backend)
+
+    def call_pattern(self, q, k, layout: TokenLayout):
+        """A dynamic pattern chosen from this call's ``q`` and ``k`` (e.g. top-k key blocks per query
+        block, VMoBA), or None to use the static, cached :meth:`pattern`. Not cached."""
+        return None
 
     def pattern_core_lse(self, q, k, v, layout: TokenLayout, attention_mask=None):
         """``(out, lse)`` of :meth:`pattern_core`, for merging with extra key/value segments. Computed
@@ -200,7 +208,7 @@ class PatternProcessor:
         from ..extensions import attention_with_lse
         from ..kernels import full_mask
 
-        pattern = self.current_pattern(layout)
+        pattern = self.call_pattern(q, k, layout) or self.current_pattern(layout)
         mask = None if pattern is None or pattern.is_full() else full_mask(pattern.dense_mask(), layout).to(q.device)[None, None]
         kpm = key_padding_from_mask(attention_mask, q.shape[0], q.shape[1])
         if kpm is not None:
