@@ -748,3 +748,26 @@ def test_v3_seed_keeps_its_value_and_exported_folder_exposes_v3(comfy, monkeypat
     extension = asyncio.run(module.comfy_entrypoint())
     nodes = asyncio.run(extension.get_node_list())
     assert {n.define_schema().kwargs["display_name"] for n in nodes} == set(dcomfy.NODE_DISPLAY_NAME_MAPPINGS.values())
+
+
+@pytest.mark.skipif(not __import__("diffusion_attn.kernels", fromlist=["flex_available"]).flex_available("cpu"),
+                    reason="compiled FlexAttention does not run on this machine")
+def test_text_length_change_with_the_same_grid_rebuilds_kernel_caches(comfy):
+    """B5 in the ComfyUI runtime: HunyuanVideo prompts of different lengths on the same video grid; the
+    flex block mask cached for one sequence length must not serve the other."""
+    dm = fake_model("HunyuanVideo", patch_size=[1, 2, 2], byt5_in=None)
+    patched = apply(FakeModelPatcher(dm), "radial", decay_factor=0.5, sink="true", dense_layers=0, dense_steps=0,
+                    backend="flex")
+    grid, heads, D = (5, 8, 9), 2, 8
+    pattern = radial_pattern(grid, 0.5, True)
+    assert not pattern.is_full()
+    for text in (6, 9, 6):
+        layout = TokenLayout(grid, text, "last")
+        q, k, v = qkv(1, heads, layout.num_tokens, D, seed=text)
+        out = run_model(patched, lambda to: comfy.optimized_attention(q, k, v, heads, skip_reshape=True, transformer_options=to),
+                        torch.zeros(1, 16, 5, 16, 18), context=torch.zeros(1, text, 32))
+        mask = torch.ones(layout.num_tokens, layout.num_tokens, dtype=torch.bool)
+        n = pattern.num_tokens
+        mask[:n, :n] = pattern.dense_mask()
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(1, layout.num_tokens, -1)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
