@@ -407,8 +407,9 @@ def test_clone_leaves_original_untouched(comfy):
     assert original.model_options == {"transformer_options": {}} and original.wrappers == {}
     assert patched.get_wrappers(APPLY_MODEL, patching.WRAPPER_KEY)
     unet = FakeModelPatcher(sd15_unet())
-    apply(unet, "hidiffusion")
-    assert unet.model_options == {"transformer_options": {}}
+    patched = apply(unet, "hidiffusion")
+    assert unet.model_options == {"transformer_options": {}} and unet.wrappers == {}
+    assert patched.get_wrappers(APPLY_MODEL, patching.WRAPPER_KEY)  # the step-window wrapper of the attn1 patches
 
 
 def test_unsupported_models_and_setups_raise(comfy, monkeypatch):
@@ -696,6 +697,7 @@ def test_percent_step_window_on_unet_attn1(comfy):
     ("radial", dict(backend="strips"), "backend='strips'"),  # radial is a block pattern, not boxes
     ("gna", dict(window="3,5"), "3-D token grid"),  # a 2-D window on a video model
     ("gna", dict(window="3", start_percent=0.8, end_percent=0.2), "start_percent"),
+    ("gna", dict(window="3", end_percent=float("nan")), "end_percent must be a number in"),
 ])
 def test_errors_known_at_the_node_are_raised_there(comfy, method, values, match):
     """B9: what cannot run fails when the node runs (not at the first KSampler step), and the input model
