@@ -102,8 +102,8 @@ SUPPORT: dict[str, ComfySupport] = {
         unet_targets=_hidiffusion_targets,
         call_overrides=_hidiffusion_shift,
         note="ComfyUI node: MSW-MSA only (attn1 replace in the official blocks); RAU-Net is not included "
-             "(ComfyUI's PatchModelAddDownscale node is the nearest built-in). Seeded shifts hash (seed, step, "
-             "layer) with CFG branch 0 whether ComfyUI batches cond/uncond or not.",
+             "(ComfyUI's PatchModelAddDownscale node is the nearest built-in). Seeded shifts hash (seed, step within "
+             "the sampler run, layer) with CFG branch 0 whether ComfyUI batches cond/uncond or not.",
     ),
 }
 

@@ -17,6 +17,9 @@ two forms, decided in one place, :func:`in_step_window`:
   in one sampler or is split over several (and over Wan 2.2's two experts). The conversion happens per
   model call with the model's current ``model_sampling`` (a ``ModelSamplingSD3``-style shift node placed
   after ours is honoured).
+
+Both apply: the method runs where the step is past ``dense_steps`` and the sigma lies in the percent
+window; ``dense_layers`` then keeps the first layers dense.
 """
 
 from __future__ import annotations
