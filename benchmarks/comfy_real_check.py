@@ -35,7 +35,6 @@ import importlib
 import math
 import sys
 import tempfile
-import types
 import uuid
 from pathlib import Path
 
@@ -84,10 +83,7 @@ def setup_comfy(root: Path, scratch: Path):
             _stand_in(name, scratch / "standins")
     if str(scratch / "standins") not in sys.path:
         sys.path.insert(0, str(scratch / "standins"))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False) if hasattr(comfy.options, "enable_args_parsing") else None
-    from comfy.cli_args import args
+    from comfy.cli_args import args  # parses no command line unless comfy.options enables it (main.py does)
 
     args.cpu = True
     import comfy.model_management  # noqa: F401  (reads args.cpu)
