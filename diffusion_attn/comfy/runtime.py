@@ -33,6 +33,7 @@ import torch
 
 from ..kernels import prepared_attention
 from ..layout import TokenLayout
+from ..placement import Placement
 from ..registry import MethodSpec
 
 __all__ = [
@@ -160,6 +161,9 @@ class MethodRuntime:
         self.support = support or ComfySupport()
         self.dense_layers = int(params.get("dense_layers") or 0)
         self.dense_steps = int(params.get("dense_steps") or 0)
+        #: the layers and steps (within one sampler run) the method acts on -- the same Placement the
+        #: diffusers processors use; the sigma window (start/end percent) is ComfyUI's own, see placement()
+        self.rule = Placement.from_dense(self.dense_layers, self.dense_steps)
         self.backend = params.get("backend") or "auto"
         self.start_percent, self.end_percent = float(start_percent), float(end_percent)
         self.cache: dict = {}
@@ -183,7 +187,8 @@ class MethodRuntime:
             sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
         if self.dense_steps and step is not None and model_sampling is not None:
             self._warn_if_split(transformer_options, model_sampling)
-        active = in_step_window(step, sigma, dense_steps=self.dense_steps, sigma_start=sigma_start, sigma_end=sigma_end)
+        active = (step is None or self.rule.step_on(step)) and in_step_window(
+            None, sigma, sigma_start=sigma_start, sigma_end=sigma_end)
         return CallPlacement(step, active)
 
     def _warn_if_split(self, transformer_options, model_sampling):
@@ -203,7 +208,7 @@ class MethodRuntime:
                 self.spec.name, first, float(top), self.dense_steps)
 
     def dense_now(self, placement: CallPlacement | None, layer: int) -> bool:
-        return layer < self.dense_layers or (placement is not None and not placement.active)
+        return not self.rule.layer_on(layer) or (placement is not None and not placement.active)
 
     def _cached(self, key, build):
         if key not in self.cache:
