@@ -202,6 +202,23 @@ def test_masked_attention_plain_function_and_grid_patterns():
             torch.testing.assert_close(out, oracle(q, k, v, gna), atol=ATOL, rtol=ATOL)
 
 
+def test_masked_attention_predicate_gradients():
+    layout = TokenLayout((4, 5), 2, "last", extra=[("pooled", 2)])
+    mod = text_dense(CircularWindow((4, 5), 1.6)) | in_segment("pooled", "kv") | heads_in({0})
+    mask = mod.dense_mask(layout, heads=2)
+    q = torch.randn(2, 22, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 24, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 24, 2, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 22, 2, 4, dtype=torch.float64)
+    grads = torch.autograd.grad((ops.masked_attention(q, k, v, mod, layout) * w).sum(), (q, k, v))
+    mask_by_hand = torch.ones(1, 2, 22, 24, dtype=torch.bool)
+    mask_by_hand[0, 1, :, :22] = circular_loop(TokenLayout((4, 5), 2, "last"), 1.6)
+    assert torch.equal(mask, mask_by_hand)
+    expected = torch.autograd.grad((oracle(q, k, v, mask_by_hand) * w).sum(), (q, k, v))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+
+
 def test_masked_attention_dynamic_pattern():
     layout = TokenLayout((4, 5), 3, "first")
     B, H = 2, 2

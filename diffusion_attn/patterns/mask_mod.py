@@ -57,7 +57,6 @@ __all__ = [
     "as_mask_mod",
     "as_sequence_pattern",
     "batch_in",
-    "capabilities_of",
     "grid_mask",
     "heads_in",
     "in_segment",
@@ -443,11 +442,6 @@ def as_sequence_pattern(pattern, layout: TokenLayout) -> MaskMod:
     if mod.layout is not None and mod.layout != layout:
         raise ValueError(f"the pattern is attached to {mod.layout.describe()}, not {layout.describe()}")
     return mod.on(layout)
-
-
-def capabilities_of(pattern) -> frozenset:
-    """``pattern.capabilities`` (every pattern object has it), or frozenset() for a bare object."""
-    return frozenset(getattr(pattern, "capabilities", frozenset()))
 
 
 def sequence_mask(pattern, layout: TokenLayout | None = None, batch: int | None = None, heads: int | None = None,
