@@ -95,6 +95,11 @@ def _flatten(q, k, v, grid, text_len, text_position, key_padding_mask, verb: str
         if q.shape[1] != layout.num_tokens:
             raise ValueError(f"{verb}: sequence length {q.shape[1]} does not match grid {grid} + {text_len} text tokens "
                              f"= {layout.num_tokens}")
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor) or tuple(key_padding_mask.shape) != (q.shape[0], q.shape[1]):
+                got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+                raise ValueError(f"{verb}: key_padding_mask must be a (B, S) = {(q.shape[0], q.shape[1])} bool tensor "
+                                 f"(True = real token), got {got}")
         return q, k, v, layout, key_padding_mask, (lambda out: out)
     shape_grid = tuple(q.shape[1:-2])
     if len(shape_grid) not in ranks or len(shape_grid) < 2:

@@ -269,6 +269,14 @@ def test_flex_create_mask_and_block_mask():
     out = fa.flex_attention(q, k, v, block_mask=bm)  # eager (uncompiled) on CPU
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=ref)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # extra key segments: S_q != S_kv (32 queries, 40 keys)
+    extra = TokenLayout((5, 6), 2, "first", extra=[("pooled", 8)])
+    mod = text_dense(neighborhood_pattern((5, 6), 3), extra) | in_segment("pooled", "kv", extra)
+    ref = sequence_mask(mod)
+    assert ref.shape == (32, 40) and ref[:, 32:].all() and not ref.all()
+    assert torch.equal(fa.create_mask(mod.mask_mod, 1, 1, 32, 40, device="cpu")[0, 0], ref)
+    bm = fa.create_block_mask(mod.mask_mod, 1, 1, 32, 40, device="cpu", BLOCK_SIZE=8)
+    assert torch.equal(bm.to_dense()[0, 0].bool(), ref.view(4, 8, 5, 8).any(3).any(1))
 
 
 def test_grid_patterns_mask_mod_over_grid_indices():

@@ -251,6 +251,10 @@ def test_errors():
         na(q, k, v, 3, grid=(4, 5), scale=float("nan"))
     with pytest.raises(ValueError, match="text_len must be an int >= 0"):
         na(q, k, v, 3, grid=(4, 4), text_len=4.0)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be a \(B, S\) = \(1, 20\) bool tensor"):
+        na(q, k, v, 3, grid=(4, 4), text_len=4, key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask may only mask text tokens"):
+        na(q, k, v, 3, grid=(4, 4), text_len=4, key_padding_mask=torch.zeros(1, 20, dtype=torch.bool))
     with pytest.raises(ValueError, match="k must have q's shape"):
         na(q, k[:, :19], v, 3, grid=(4, 5))
     with pytest.raises(ValueError, match="v must match q's shape except the head size"):

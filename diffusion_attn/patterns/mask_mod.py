@@ -350,8 +350,9 @@ class _TextDense(_Combine):
 
     @property
     def capabilities(self) -> frozenset:
-        grid_caps = getattr(self.grid_pattern, "capabilities", frozenset())
-        return frozenset({"mask_mod"}) | (frozenset(grid_caps) & {"box", "block", "partition"} | _INHERITED & frozenset(grid_caps))
+        grid_caps = frozenset(getattr(self.grid_pattern, "capabilities", frozenset()))
+        kernel_caps = grid_caps & {"box", "block", "partition"}  # the grid kernels may run it
+        return frozenset({"mask_mod"}) | kernel_caps | (grid_caps & _INHERITED)
 
     def is_full(self, layout=None) -> bool:
         layout = self._layout_for(layout)
