@@ -309,6 +309,9 @@ def test_capabilities():
              (td | batch_in({0})).capabilities]
     assert all(c <= CAPABILITIES for c in every)
     assert as_sequence_pattern(blocked, lay).layout == lay
+    # on a layout with extra keys the grid kernels cannot run it: no box / block capability
+    extra = TokenLayout((6, 6), 2, extra=[("pooled", 4)])
+    assert text_dense(blocked, extra).capabilities == {"mask_mod"}
 
 
 def test_is_full():

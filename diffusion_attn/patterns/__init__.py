@@ -5,6 +5,17 @@ Grid patterns (pure functions of a token grid and the method's parameters): :cla
 The sequence protocol (:mod:`.mask_mod`): composable ``mask_mod(b, h, q_idx, kv_idx)`` predicates over a
 call's whole sequence (grid, text, extra segments) with ``capabilities`` kernels use when present;
 dynamic patterns (:mod:`.dynamic`) are resolved per call from q and k.
+
+A new mask shape, two ways:
+
+* a grid pattern class (see :mod:`.circular`): ``grid``, ``allowed_fn(device) -> fn(qi, ki)`` over
+  flattened grid indices, ``dense_mask()`` (N x N), ``is_full()``, ``capabilities = frozenset()``; the
+  call's pattern is then ``text_dense(p, layout)``;
+* a composition of predicates, e.g. ``text_dense(p) & ~heads_in({0}) | in_segment("pooled", "kv")``.
+
+Give every pattern to a kernel as ``as_sequence_pattern(p, layout)``: its ``capabilities`` then say
+what a fast kernel may use (``grid_pattern`` for "box" / "block"), ``mask_mod`` and ``dense_mask()``
+cover the whole sequence.
 """
 
 from .base import AxisWindows, BlockPattern, BoxPattern, Bucket, Schedule

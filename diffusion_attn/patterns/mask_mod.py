@@ -31,7 +31,9 @@ the optional ones when present and fall back to the predicate otherwise:
   (queries x keys of the layout). Grid patterns (box, block, circular) lack it: their ``dense_mask()`` is
   over the grid, text being dense by convention (:func:`as_sequence_pattern` turns them into one);
 * ``"box"`` / ``"block"`` -- ``pattern.grid_pattern`` is a :class:`BoxPattern` (per-axis windows and
-  runs) / :class:`BlockPattern` (block occupancy), and the pattern is exactly text-dense around it;
+  runs) / :class:`BlockPattern` (block occupancy), and the pattern is exactly text-dense around it on a
+  layout of grid + text only (what the grid kernels compute; not claimed when the attached layout has
+  extra segments);
 * ``"partition"`` -- the box pattern's windows partition the grid
   (:func:`diffusion_attn.kernels.windows.window_partition` is not None);
 * ``"head_dependent"`` / ``"batch_dependent"`` -- the predicate reads ``h`` / ``b``;
@@ -351,7 +353,9 @@ class _TextDense(_Combine):
     @property
     def capabilities(self) -> frozenset:
         grid_caps = frozenset(getattr(self.grid_pattern, "capabilities", frozenset()))
-        kernel_caps = grid_caps & {"box", "block", "partition"}  # the grid kernels may run it
+        kernel_caps = grid_caps & {"box", "block", "partition"}  # the grid kernels may run it ...
+        if self.layout is not None and self.layout.extra:
+            kernel_caps = frozenset()  # ... unless extra segments make q / k more than grid + text
         return frozenset({"mask_mod"}) | kernel_caps | (grid_caps & _INHERITED)
 
     def is_full(self, layout=None) -> bool:
