@@ -2,7 +2,6 @@
 (NATTEN's formula per coordinate pair, the official radial algorithm, roll + 2x2 partition, Python loops),
 and against NATTEN's own na1d / na2d / na3d when natten imports."""
 
-import itertools
 import math
 import random
 
