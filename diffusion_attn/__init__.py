@@ -6,6 +6,7 @@
     handle.remove()                            # bit-exact restore
 """
 
+from . import ops
 from .api import Handle, apply, applied, attach, attention_mask, denoisers, method_pattern, remove
 from .layout import TokenLayout
 from .processors import GNAProcessor, MSWMSAProcessor, PatternProcessor, RadialProcessor
@@ -31,6 +32,7 @@ __all__ = [
     "get_method",
     "method_pattern",
     "methods",
+    "ops",
     "remove",
 ]
 
