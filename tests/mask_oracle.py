@@ -28,7 +28,7 @@ import math
 
 import torch
 
-__all__ = ["gna_axis", "msw_axis", "msw_shift", "grid_mask", "with_text", "gna_mask", "msw_mask"]
+__all__ = ["gna_axis", "msw_axis", "msw_shift", "grid_mask", "with_text", "gna_mask", "msw_mask", "masked_sdpa"]
 
 
 def gna_axis(length: int, window: int, stride: int = 1, dilation: int = 1) -> list[list[bool]]:
@@ -108,10 +108,24 @@ def gna_mask(grid, window, stride=1, dilation=1) -> torch.Tensor:
     return grid_mask(grid, [gna_axis(*a) for a in zip(grid, window, stride, dilation)])
 
 
-def msw_mask(grid, choice: int) -> torch.Tensor:
-    """(N, N) MSW-MSA mask over a 2-D ``grid`` for shift multiple ``choice`` (0..3). As the official,
-    no shift at all when the row shift is 0 (maps under 8 rows), even if the column shift is not."""
+def msw_mask(grid, choice: int, official_row_rule: bool = True) -> torch.Tensor:
+    """(N, N) MSW-MSA mask over a 2-D ``grid`` for shift multiple ``choice`` (0..3). With
+    ``official_row_rule`` (the processor's behaviour), as the official: no shift at all when the row
+    shift is 0 (maps under 8 rows), even if the column shift is not; without it, each axis its own shift
+    (the bare pattern, ``shifted_window_pattern``)."""
     shifts = [msw_shift(g, choice) for g in grid]
-    if shifts[0] == 0:
+    if official_row_rule and shifts[0] == 0:
         shifts = [0, 0]
     return grid_mask(grid, [msw_axis(g, s) for g, s in zip(grid, shifts)])
+
+
+def masked_sdpa(q, k, v, grid_mask: torch.Tensor, text_len: int = 0, text_first: bool = False,
+                key_padding: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Attention on (B, S, heads, D) tensors with the explicit (B, 1, S, S) boolean mask: ``grid_mask``
+    plus dense text (:func:`with_text`), and-ed with ``key_padding`` ((B, S) bool, True = real key)."""
+    mask = with_text(grid_mask, text_len, text_first)[None, None].to(q.device)
+    if key_padding is not None:
+        mask = mask & key_padding[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
