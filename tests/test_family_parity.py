@@ -1,8 +1,12 @@
 """Every model family's adapter in sparse mode equals the STOCK diffusers processor of that attention
 class given the pattern's full boolean mask.
 
+Methods: GNA on every transformer family (sliding, strided, dilated and even windows), radial on the
+video families (at a size where the official block algorithm applies), HiDiffusion's MSW-MSA on the
+UNets (SD 1.5, SDXL), each with several backends.
+
 The expected values never come from the package: the masks are built by explicit loops
-(:mod:`mask_oracle`), and the attention is computed by diffusers' own processor object (the one the
+(:mod:`mask_oracle`; radial: the naive official algorithm of tests/test_patterns.py), and the attention is computed by diffusers' own processor object (the one the
 model had before ``apply``), called on the very inputs our processor received during a real pipeline
 run (tiny random models, fp32, 2 steps with CFG, so padded text and both CFG branches take part).
 
@@ -103,9 +107,9 @@ def call_inputs(module, args, kwargs) -> dict:
     return out
 
 
-def run_and_capture(pipe, family, modules, method, params):
-    """Apply ``method``, run the pipeline (2 steps, CFG), and return for every call of ``modules``:
-    (module name, module, stock processor, inputs, output of our processor)."""
+def run_and_capture(pipe, family, modules, method, params, **call):
+    """Apply ``method``, run the pipeline (2 steps, CFG; ``call`` overrides the tiny defaults), and
+    return for every call of ``modules``: (module name, module, stock processor, inputs, our output)."""
     stock = {name: m.processor for name, m in modules.items()}
     captured = []
     hooks = [m.register_forward_hook(lambda mod, args, kwargs, out, name=name: captured.append(
@@ -114,7 +118,7 @@ def run_and_capture(pipe, family, modules, method, params):
         with da.applied(pipe, method, **params):
             for name, m in modules.items():
                 assert m.processor is not stock[name], f"{method} did not replace the processor of {name}"
-            kw = default_call_kwargs(family, output_type="latent")
+            kw = default_call_kwargs(family, output_type="latent", **call)
             pipe(prompt=PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(0), **kw)
     finally:
         for h in hooks:
@@ -161,15 +165,45 @@ def assert_matches_stock(name, kind, ours, masked, unmasked):
 @pytest.mark.parametrize("backend", ["reference", "gather", "strips", "auto"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gna_adapter_equals_stock_processor_with_full_mask(name, backend):
-    grid, text_position, kinds = MODELS[name]
+    grid = MODELS[name][0]
     params = GNA[name]
+    grid_mask = cached_gna_mask(grid, params["window"], params["stride"], params["dilation"])
+    check_transformer(name, "gna", dict(params, backend=backend), grid, grid_mask)
+
+
+# radial at 9 latent frames of 8 x 16 tokens: 128 tokens per frame, so the official algorithm (which needs
+# a multiple of 128 tokens) applies and 128-token blocks are frames; video frames for 9 latent frames
+RADIAL_FRAMES = {"tiny-wan": 33, "tiny-hunyuanvideo": 33, "tiny-mochi": 49}
+RADIAL = {"tiny-wan": (0.2, True), "tiny-hunyuanvideo": (0.95, False), "tiny-mochi": (0.95, False)}
+
+
+@pytest.mark.parametrize("backend", ["reference", "gather", "auto"])
+@pytest.mark.parametrize("name", list(RADIAL))
+def test_radial_adapter_equals_stock_processor_with_full_mask(name, backend):
+    """Radial's block mask from a naive re-statement of the official algorithm (tests/test_patterns.py's
+    ``official_radial``), expanded to tokens: the block-pattern kernels through each video family."""
+    from test_patterns import official_radial
+
+    decay, sink = RADIAL[name]
+    grid = (9, 8, 16)
+    blocks = official_radial(grid[0], grid[1] * grid[2], decay, sink)
+    assert 0.3 < blocks.float().mean() < 0.9  # sparse, and not trivially so
+    grid_mask = blocks.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    params = dict(decay_factor=decay, sink=sink, dense_layers=0, dense_steps=0, backend=backend)
+    check_transformer(name, "radial", params, grid, grid_mask, height=128, width=256, num_frames=RADIAL_FRAMES[name])
+
+
+def check_transformer(name, method, params, grid, grid_mask, **call):
+    """Run ``method`` on the tiny pipeline ``name`` and compare every captured call of every replaced
+    attention module with the stock processor given ``grid_mask`` (+ dense text) as a full mask."""
+    _, text_position, kinds = MODELS[name]
     pipe = pipe_for(name)
     denoiser = pipe.transformer
     modules = {n: m for n, m in denoiser.named_modules()
                if n.endswith(ATTN_SUFFIX[name]) and any(n.startswith(p) for p in kinds.values())}
-    grid_mask = cached_gna_mask(grid, params["window"], params["stride"], params["dilation"])
     n_grid = math.prod(grid)
-    calls = run_and_capture(pipe, name, modules, "gna", dict(params, backend=backend))
+    assert grid_mask.shape == (n_grid, n_grid)
+    calls = run_and_capture(pipe, name, modules, method, params, **call)
     seen = {kind: 0 for kind in kinds}
     for mod_name, attn, stock, inputs, ours in calls:
         kind = next(k for k, p in kinds.items() if mod_name.startswith(p))
