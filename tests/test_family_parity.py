@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import diffusion_attn as da
 from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
 
-from mask_oracle import gna_mask, msw_mask, with_text
+from mask_oracle import gna_axis, gna_mask, msw_mask, with_text
 
 ATOL = RTOL = 1e-5
 
@@ -270,3 +270,51 @@ def test_msw_msa_adapter_equals_stock_processor_with_full_mask(name, shift, back
         expected = stock(attn, **dict(args, attention_mask=mask.expand(hidden.shape[0], *mask.shape)))
         unmasked = stock(attn, **args)
         assert_matches_stock(mod_name, "attn1", ours, expected, unmasked)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The oracles themselves (NATTEN's own check is in test_adapters_optional.py, with natten installed)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _rows(table):
+    return [[k for k, ok in enumerate(row) if ok] for row in table]
+
+
+def test_gna_oracle_hand_examples():
+    """Hand-written 1-D cases (each also what natten.na1d 0.21.7 gives on CPU)."""
+    # sliding window 3 on 5 tokens: clamped inward at both borders
+    assert _rows(gna_axis(5, 3)) == [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [2, 3, 4]]
+    # even window 2: one key before, none after (NATTEN), clamped at the start
+    assert _rows(gna_axis(4, 2)) == [[0, 1], [0, 1], [1, 2], [2, 3]]
+    # blocked (stride = window = 2) on 5 tokens: the last, partial block shares the window of its centre
+    assert _rows(gna_axis(5, 2, 2)) == [[0, 1], [0, 1], [2, 3], [2, 3], [3, 4]]
+    # strided: window 3, stride 2 on 6 tokens: pairs of queries share the window of the pair's centre
+    assert _rows(gna_axis(6, 3, 2)) == [[0, 1, 2], [0, 1, 2], [2, 3, 4], [2, 3, 4], [3, 4, 5], [3, 4, 5]]
+    # dilation 2 on 6 tokens, window 2: even and odd positions separately
+    assert _rows(gna_axis(6, 2, 1, 2)) == [[0, 2], [1, 3], [0, 2], [1, 3], [2, 4], [3, 5]]
+
+
+def test_msw_oracle_is_the_official_roll_and_partition():
+    """msw_mask on even grids against HiDiffusion's own steps: torch.roll by -shift, 2 x 2 windows."""
+    for grid in [(8, 12), (16, 24), (4, 6)]:
+        H, W = grid
+        for choice in range(4):
+            sh, sw = (choice * (H // 2 // 4), choice * (W // 2 // 4))
+            tokens = torch.arange(H * W).view(H, W)
+            if sh > 0:  # the official rolls only when the row shift is positive
+                tokens = torch.roll(tokens, shifts=(-sh, -sw), dims=(0, 1))
+            windows = tokens.view(2, H // 2, 2, W // 2).permute(0, 2, 1, 3).reshape(4, -1)
+            expected = torch.zeros(H * W, H * W, dtype=torch.bool)
+            for win in windows:
+                expected[win[:, None], win[None, :]] = True
+            assert torch.equal(msw_mask(grid, choice), expected), (grid, choice)
+
+
+def test_with_text_places_dense_text():
+    m = torch.tensor([[True, False], [False, True]])
+    first = with_text(m, 1, text_first=True)
+    assert first.tolist() == [[True, True, True], [True, True, False], [True, False, True]]
+    last = with_text(m, 1, text_first=False)
+    assert last.tolist() == [[True, False, True], [False, True, True], [True, True, True]]
+    assert gna_mask((3, 4), 3).sum(1).tolist() == [9] * 12  # every query sees exactly 3 x 3 keys
