@@ -7,29 +7,16 @@ import json
 import re
 from pathlib import Path
 
-from ..runner import adapter_family
+from ..adapters import VARIANTS, adapter_family, variant_of_classes
+from ..adapters import token_layout as variant_token_layout
 
 __all__ = ["VIDEO_FAMILIES", "method_markdown", "model_family_of", "size_defaults", "token_layout"]
 
-VIDEO_FAMILIES = ("wan", "hunyuanvideo", "mochi")
+VIDEO_FAMILIES = tuple(v.name for v in VARIANTS.values() if v.video)
 
 
-#: denoiser / pipeline class names in a checkpoint's model_index.json -> family
-_CLASS_FAMILY = {
-    "FluxTransformer2DModel": "flux",
-    "SD3Transformer2DModel": "sd3",
-    "WanTransformer3DModel": "wan",
-    "HunyuanVideoTransformer3DModel": "hunyuanvideo",
-    "MochiTransformer3DModel": "mochi",
-}
 #: families found for non-embedded models after loading them once (hub ids have no local index)
 _SEEN_FAMILIES: dict[str, str] = {}
-#: text tokens in the joint attention of full-size checkpoints: (count, position); Wan's text is in
-#: separate cross-attention layers and the UNets' too, so their self-attention has none
-_REAL_TEXT = {"flux": (512, "first"), "sd3": (77 + 256, "last"), "hunyuanvideo": (256, "last"),
-              "mochi": (256, "last")}
-
-
 def model_family_of(model: str) -> str | None:
     """The family (as :func:`diffusion_attn.models.model_family` names it) of an embedded model name, a
     local diffusers folder, or a model loaded earlier in this process; None when unknown before loading."""
@@ -48,10 +35,9 @@ def model_family_of(model: str) -> str | None:
         entry = info.get(key)
         if not isinstance(entry, list) or len(entry) != 2:
             continue
-        if entry[1] in _CLASS_FAMILY:
-            return _CLASS_FAMILY[entry[1]]
-        if entry[1] == "UNet2DConditionModel":
-            return "unet-sdxl" if "XL" in str(info.get("_class_name", "")) else "unet-sd15"
+        found = variant_of_classes(entry[1], str(info.get("_class_name", "")))
+        if found is not None:
+            return found
     return None
 
 
@@ -66,39 +52,13 @@ def size_defaults(model: str, family: str | None) -> dict:
 
 
 def token_layout(model: str, family: str, height: int, width: int, num_frames: int | None = None):
-    """The token layout of ``model``'s main attention at this size: a :class:`~diffusion_attn.TokenLayout`.
-
-    Transformers: the patchified latent grid (VAE /8 in space, /4 in time for Wan and HunyuanVideo, /6
-    for Mochi; patch 2) and the text tokens of the joint attention (the embedded models' short text, or
-    the full-size checkpoints' defaults). UNets: the largest self-attention grid (SD 1.5: latent size;
-    SDXL: latent / 2, its first attention level).
-    """
-    from ..layout import TokenLayout
+    """The token layout of ``model``'s main attention at this size (see
+    :func:`diffusion_attn.adapters.token_layout`): an embedded model's short text, else the full-size
+    checkpoints' default."""
     from ..models import EMBEDDED_MODELS, default_call_kwargs
 
-    h, w = int(height), int(width)
-    if family in ("unet-sd15",):
-        return TokenLayout((h // 8, w // 8))
-    if family == "unet-sdxl":
-        return TokenLayout((h // 16, w // 16))
-    if model in EMBEDDED_MODELS:
-        seq = default_call_kwargs(model).get("max_sequence_length", 0)
-        text = {"flux": (seq, "first"), "sd3": (77 + seq, "last"), "hunyuanvideo": (seq, "last"),
-                "mochi": (seq, "last")}.get(family, (0, "last"))
-    else:
-        text = _REAL_TEXT.get(family, (0, "last"))
-    spatial = (h // 16, w // 16)
-    if family in VIDEO_FAMILIES:
-        frames = int(num_frames or 1)
-        temporal = {"mochi": 6}.get(family, 4)
-        grid = ((frames - 1) // temporal + 1, *spatial)
-    elif family in ("flux", "sd3"):
-        grid = spatial
-    else:
-        raise ValueError(f"no token layout known for family {family!r}")
-    if min(grid) < 1:
-        raise ValueError(f"{height} x {width} is too small for {family} (a token grid of {grid})")
-    return TokenLayout(grid, text_len=text[0], text_position=text[1])
+    seq = default_call_kwargs(model).get("max_sequence_length", 0) if model in EMBEDDED_MODELS else None
+    return variant_token_layout(family, height, width, num_frames, max_sequence_length=seq)
 
 
 def _variant(spec, model: str, family: str) -> str:
