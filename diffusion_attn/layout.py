@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,11 +25,17 @@ class TokenLayout:
     text_position: Literal["first", "last"] = "last"
 
     def __post_init__(self):
-        grid = tuple(int(g) for g in self.grid)
-        if not 1 <= len(grid) <= 3 or any(g < 1 for g in grid):
-            raise ValueError(f"TokenLayout.grid must be 1 to 3 positive sizes, got {self.grid!r}")
-        if self.text_len < 0:
-            raise ValueError(f"TokenLayout.text_len must be >= 0, got {self.text_len}")
+        try:
+            grid = tuple(self.grid)
+        except TypeError:
+            grid = None
+        if (grid is None or not 1 <= len(grid) <= 3
+                or any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1 for g in grid)):
+            raise ValueError(f"TokenLayout.grid must be 1 to 3 positive ints, got {self.grid!r}")
+        grid = tuple(int(g) for g in grid)
+        if isinstance(self.text_len, bool) or not isinstance(self.text_len, numbers.Integral) or self.text_len < 0:
+            raise ValueError(f"TokenLayout.text_len must be an int >= 0, got {self.text_len!r}")
+        object.__setattr__(self, "text_len", int(self.text_len))
         if self.text_position not in ("first", "last"):
             raise ValueError(f"TokenLayout.text_position must be 'first' or 'last', got {self.text_position!r}")
         object.__setattr__(self, "grid", grid)
