@@ -21,7 +21,10 @@ _HANDLE_ATTR = "_diffusion_attn_handle"
 
 
 class Handle:
-    """What ``apply`` installed; ``remove()`` undoes it exactly (also usable as a context manager)."""
+    """What ``apply`` installed; ``remove()`` undoes it exactly (also usable as a context manager).
+    ``config``: the resolved method config (None for :func:`attach`)."""
+
+    config = None
 
     def __init__(self, method: str, params: dict, context: RunContext, models: list, undo: list):
         self.method, self.params, self.context = method, params, context

@@ -248,7 +248,7 @@ def test_heads_are_checked_against_the_model_at_apply(toy):
         assert h.config.heads == (1,) and calls[0] is h.config
 
 
-def test_ui_and_comfy_inputs_follow_the_specs(toy):
+def test_ui_comfy_and_docs_follow_the_config(toy):
     from diffusion_attn.comfy.nodes import node_inputs
     from diffusion_attn.ui import control_kind
 
@@ -257,3 +257,10 @@ def test_ui_and_comfy_inputs_follow_the_specs(toy):
     assert control_kind(spec.param("strength")) == "slider"
     gna = da.get_method("gna")
     assert [i.name for i in node_inputs(gna)] == [f.name for f in dataclasses.fields(da.GNAConfig)]
+
+
+def test_readme_table_lists_the_config_fields(toy):
+    from diffusion_attn.docs import method_table
+
+    row = next(line for line in method_table().splitlines() if line.startswith("| `toy-inputs`"))
+    assert "`boxes` (input), `heads` (input), `prompts` (input), `mask` (input), `image` (input), `strength` |" in row
