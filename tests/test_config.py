@@ -264,3 +264,22 @@ def test_readme_table_lists_the_config_fields(toy):
 
     row = next(line for line in method_table().splitlines() if line.startswith("| `toy-inputs`"))
     assert "`boxes` (input), `heads` (input), `prompts` (input), `mask` (input), `image` (input), `strength` |" in row
+
+
+def test_a_spec_declared_with_params_gets_a_generated_config():
+    from diffusion_attn.registry import Param
+
+    params = (Param("a", float, None, "a help", range=(0.0, 1.0)),
+              Param("w", tuple, 1, "w help", range=(1, None)),
+              Param("backend", str, "auto", "kernel", choices=("auto", "gather"), role="kernel"))
+    spec = register(MethodSpec(name="legacy-params", summary="s", paper="p", families=("wan",), kind="k", params=params,
+                               install=lambda *a: [], family_defaults={"wan": {"a": 0.5}}))
+    try:
+        assert spec.params == params and spec.family_defaults == {"wan": {"a": 0.5}}
+        assert spec.resolve({}, "wan") == {"a": 0.5, "w": (1,), "backend": "auto"}
+        config = spec.config(a=0.25, w="2,3")
+        assert da.get_method(config) is spec and config.pattern_key() == ("legacy-params", ("a", 0.25), ("w", (2, 3)))
+        with pytest.raises(ValueError, match="'a' must be a finite number"):
+            spec.resolve({"a": float("nan")})
+    finally:
+        unregister("legacy-params")
