@@ -482,9 +482,14 @@ class MethodConfig:
         return self.fields_with_role("pattern")
 
     def pattern_key(self) -> tuple:
-        """Cache key part of the pattern: every pattern-role field, derived (never listed by hand)."""
-        return (self.method or type(self).__name__,) + tuple(
-            (name, _fingerprint(value)) for name, value in self.pattern_params().items())
+        """Cache key part of the pattern: every pattern-role field, derived (never listed by hand);
+        computed once per config (configs are frozen)."""
+        key = self.__dict__.get("_pattern_key")
+        if key is None:
+            key = (self.method or type(self).__name__,) + tuple(
+                (name, _fingerprint(value)) for name, value in self.pattern_params().items())
+            object.__setattr__(self, "_pattern_key", key)
+        return key
 
     def to_dict(self) -> dict:
         return {p.name: getattr(self, p.name) for p in self.params()}
