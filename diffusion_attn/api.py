@@ -90,7 +90,7 @@ def _method_and_params(method, params: dict):
             raise ValueError(f"give the parameters either in the {type(method).__name__} or as keyword arguments, "
                              f"not both (got {', '.join(params)})")
         return get_method(method), method
-    return get_method(method), params
+    return get_method(method), params  # a name, or a config class with keyword arguments
 
 
 def apply(pipe_or_model, method, **params) -> Handle:

@@ -298,7 +298,7 @@ def cmd_methods(args) -> int:
         print(f"{'':12s} {spec.summary}")
         for p in spec.params:
             flag = _flag(_dest(spec.name, p.name))
-            print(f"{'':14s}{flag:20s} {p.type.__name__:6s} {_default_text(spec, p):10s} {p.help}")
+            print(f"{'':14s}{flag:20s} {p.type.__name__:6s} {p.role:9s} {_default_text(spec, p):10s} {p.help}")
     return 0
 
 

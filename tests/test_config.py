@@ -141,6 +141,8 @@ def test_apply_with_a_config_equals_the_string_form():
     layout = da.TokenLayout((3, 4, 6))
     assert torch.equal(da.attention_mask(da.GNAConfig(window=(1, 2, 3)), layout),
                        da.attention_mask("gna", layout, window=(1, 2, 3)))
+    assert torch.equal(da.attention_mask(da.GNAConfig, layout, window=(1, 2, 3)),  # the class names the method
+                       da.attention_mask("gna", layout, window=(1, 2, 3)))
 
 
 # ---------------------------------------------------------------------------------------------------
