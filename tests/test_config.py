@@ -285,3 +285,20 @@ def test_a_spec_declared_with_params_gets_a_generated_config():
             spec.resolve({"a": float("nan")})
     finally:
         unregister("legacy-params")
+
+
+def test_pattern_cache_key_covers_the_text_length_b5():
+    """B5: Mochi, CFG, two prompts of different lengths: the flex block mask is cached per layout (text
+    length included), not per grid, so the second call does not reuse a mask built for another length."""
+    from diffusion_attn.kernels import flex_available
+
+    if not flex_available("cpu"):
+        pytest.skip("FlexAttention cannot compile on this CPU")
+    pipe = pipe_for("tiny-mochi")
+    prompts = ["a fox", "a red fox running through fresh snow at dawn, cinematic and detailed"]
+    kw = default_call_kwargs("mochi", num_inference_steps=2)
+    outs = {}
+    for backend in ("flex", "reference"):
+        with da.applied(pipe, "radial", dense_steps=0, decay_factor=0.0, backend=backend):
+            outs[backend] = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kw)[0]
+    torch.testing.assert_close(outs["flex"], outs["reference"], atol=1e-4, rtol=0)
