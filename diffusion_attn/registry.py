@@ -21,6 +21,7 @@ command-line form (see their docstrings).
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import math
@@ -548,6 +549,18 @@ class MethodConfig:
     def get(self, name: str, default=None):
         return getattr(self, name, default) if name in self.__dataclass_fields__ else default
 
+    def values(self):
+        return [getattr(self, k) for k in self.keys()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.params())
+
+    def __contains__(self, name) -> bool:
+        return name in self.__dataclass_fields__
+
     def __eq__(self, other):
         if type(other) is not type(self):
             return NotImplemented
@@ -555,6 +568,9 @@ class MethodConfig:
 
     def __hash__(self):
         return hash((type(self), _fingerprint(tuple(self.to_dict().values()))))
+
+
+collections.abc.Mapping.register(MethodConfig)
 
 
 def _model_heads(model) -> int | None:

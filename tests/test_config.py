@@ -2,6 +2,7 @@
 ``apply``, processor construction, pattern cache keys, CLI flags, UI controls, ComfyUI inputs and docs;
 input types (boxes, masks, images, prompts, head lists) validate and parse from the command line."""
 
+import collections.abc
 import dataclasses
 import functools
 
@@ -88,6 +89,8 @@ def test_configs_are_exported_and_specs_derive_their_params():
 def test_config_is_a_mapping_and_compares_by_value():
     c = da.GNAConfig(window=(4, 6), stride=2)
     assert c["window"] == (4, 6) and c["stride"] == (2,) and dict(**c)["backend"] == "auto"
+    assert isinstance(c, collections.abc.Mapping) and "window" in c and "foo" not in c and len(c) == 6
+    assert list(c) == ["window", "stride", "dilation", "dense_layers", "dense_steps", "backend"] == list(dict(c))
     assert c == da.GNAConfig(window=[4, 6], stride=(2,)) and hash(c) == hash(da.GNAConfig(window=(4, 6), stride=2))
     assert c != da.GNAConfig(window=(4, 6), stride=1)
     with pytest.raises(dataclasses.FrozenInstanceError):
