@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import math
-import numbers
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
 __all__ = ["TokenLayout"]
+
+
+def _ints(values) -> tuple[int, ...] | None:
+    """``values`` as ints, or None if one is not an integer (bools and 2.5 are refused, never truncated;
+    numpy ints and torch's symbolic sizes, which have ``__index__``, are accepted)."""
+    out = []
+    for v in values:
+        if isinstance(v, bool):
+            return None
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            return None
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -25,17 +39,13 @@ class TokenLayout:
     text_position: Literal["first", "last"] = "last"
 
     def __post_init__(self):
-        try:
-            grid = tuple(self.grid)
-        except TypeError:
-            grid = None
-        if (grid is None or not 1 <= len(grid) <= 3
-                or any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1 for g in grid)):
+        grid = _ints(self.grid) if hasattr(self.grid, "__len__") and not isinstance(self.grid, str) else None
+        if grid is None or not 1 <= len(grid) <= 3 or any(g < 1 for g in grid):
             raise ValueError(f"TokenLayout.grid must be 1 to 3 positive ints, got {self.grid!r}")
-        grid = tuple(int(g) for g in grid)
-        if isinstance(self.text_len, bool) or not isinstance(self.text_len, numbers.Integral) or self.text_len < 0:
+        text_len = _ints((self.text_len,))
+        if text_len is None or text_len[0] < 0:
             raise ValueError(f"TokenLayout.text_len must be an int >= 0, got {self.text_len!r}")
-        object.__setattr__(self, "text_len", int(self.text_len))
+        object.__setattr__(self, "text_len", text_len[0])
         if self.text_position not in ("first", "last"):
             raise ValueError(f"TokenLayout.text_position must be 'first' or 'last', got {self.text_position!r}")
         object.__setattr__(self, "grid", grid)

@@ -157,3 +157,10 @@ def test_token_layout_accepts_int_likes():
 
     layout = da.TokenLayout(torch.Size([3, 4]), np.int64(5))
     assert layout.grid == (3, 4) and layout.text_len == 5 and type(layout.text_len) is int
+
+
+def test_token_layout_under_torch_compile_with_dynamic_shapes():
+    def f(x):  # symbolic sizes have __index__: accepted as ints, as int() did before
+        return x * da.TokenLayout(x.shape[-2:], 0).num_image
+
+    assert torch.compile(f, dynamic=True, backend="eager")(torch.ones(3, 4)).sum().item() == 144
