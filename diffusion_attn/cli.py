@@ -168,7 +168,6 @@ def cmd_generate(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import compare, save
-
     from .runner import check_device
 
     if args.method == "none":
