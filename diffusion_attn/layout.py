@@ -14,6 +14,7 @@ slice for both; an extra segment's slice depends on the side (``segment(name, si
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,6 +48,20 @@ class Segment:
         return self.side == "both" or self.side == side
 
 
+def _ints(values) -> tuple[int, ...] | None:
+    """``values`` as ints, or None if one is not an integer (bools and 2.5 are refused, never truncated;
+    numpy ints and torch's symbolic sizes, which have ``__index__``, are accepted)."""
+    out = []
+    for v in values:
+        if isinstance(v, bool):
+            return None
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            return None
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """The shape of one attention call's token sequence.
@@ -69,11 +84,13 @@ class TokenLayout:
     extra: tuple[Segment, ...] = ()
 
     def __post_init__(self):
-        grid = tuple(int(g) for g in self.grid)
-        if not 1 <= len(grid) <= 3 or any(g < 1 for g in grid):
-            raise ValueError(f"TokenLayout.grid must be 1 to 3 positive sizes, got {self.grid!r}")
-        if self.text_len < 0:
-            raise ValueError(f"TokenLayout.text_len must be >= 0, got {self.text_len}")
+        grid = _ints(self.grid) if hasattr(self.grid, "__len__") and not isinstance(self.grid, str) else None
+        if grid is None or not 1 <= len(grid) <= 3 or any(g < 1 for g in grid):
+            raise ValueError(f"TokenLayout.grid must be 1 to 3 positive ints, got {self.grid!r}")
+        text_len = _ints((self.text_len,))
+        if text_len is None or text_len[0] < 0:
+            raise ValueError(f"TokenLayout.text_len must be an int >= 0, got {self.text_len!r}")
+        object.__setattr__(self, "text_len", text_len[0])
         if self.text_position not in ("first", "last"):
             raise ValueError(f"TokenLayout.text_position must be 'first' or 'last', got {self.text_position!r}")
         object.__setattr__(self, "grid", grid)

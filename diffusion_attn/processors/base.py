@@ -73,8 +73,18 @@ class PatternProcessor:
         raise NotImplementedError
 
     def pattern_key(self, layout: TokenLayout):
-        """Cache key of :meth:`pattern`'s result (patterns depend on the layout and fixed params)."""
-        return (self.method, layout.grid)
+        """Cache key of :meth:`pattern`'s result: the whole layout and, for processors with a method
+        config, every pattern-role field of it (derived from the config, never listed by hand)."""
+        config = getattr(self, "config", None)
+        return (layout, *(config.pattern_key() if config is not None else (self.method,)))
+
+    @classmethod
+    def from_config(cls, config) -> "PatternProcessor":
+        """A processor from a method config: the config fields this class's constructor takes."""
+        import inspect
+
+        accepted = inspect.signature(cls).parameters
+        return cls(**{name: value for name, value in config.items() if name in accepted})
 
     def where(self) -> Where:
         """This call as the placement sees it: layer, its kind, step (of how many) and branch name."""
