@@ -254,14 +254,14 @@ def test_heads_are_checked_against_the_model_at_apply(toy):
 
 
 def test_ui_comfy_and_docs_follow_the_config(toy):
-    from diffusion_attn.comfy.nodes import node_inputs
+    from diffusion_attn.comfy.nodes import SCHEDULE_INPUTS, node_inputs
     from diffusion_attn.ui import control_kind
 
-    spec, _ = toy
-    assert [i.name for i in node_inputs(spec)] == [p.name for p in spec.params]
+    spec, _ = toy  # ComfyUI adds its schedule window (start/end percent) to every node
+    assert [i.name for i in node_inputs(spec)] == [p.name for p in spec.params] + list(SCHEDULE_INPUTS)
     assert control_kind(spec.param("strength")) == "slider"
     gna = da.get_method("gna")
-    assert [i.name for i in node_inputs(gna)] == [f.name for f in dataclasses.fields(da.GNAConfig)]
+    assert [i.name for i in node_inputs(gna)] == [f.name for f in dataclasses.fields(da.GNAConfig)] + list(SCHEDULE_INPUTS)
 
 
 def test_readme_table_lists_the_config_fields(toy):
