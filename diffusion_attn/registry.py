@@ -52,16 +52,11 @@ __all__ = [
     "get_method",
     "methods",
     "suggest",
-    "GRID_RANK",
 ]
 
 #: what a parameter is for: the attention pattern (its fields make the pattern cache key), where and
 #: when the method runs, which kernel computes it, or a user input given with the method
 ROLES = ("pattern", "placement", "kernel", "input")
-
-#: token-grid rank per model family: images (H, W), video (T, H, W)
-#: TODO(adapters): read this from the family adapters once they publish their grid rank
-GRID_RANK = {"flux": 2, "sd3": 2, "unet": 2, "wan": 3, "hunyuanvideo": 3, "mochi": 3}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -510,7 +505,9 @@ class MethodConfig:
     def check_family(self, family: str) -> None:
         """Checks that need the model family: tuple parameters with one entry per grid axis must have 1
         (broadcast) or the family's grid rank entries."""
-        rank = GRID_RANK.get(family)
+        from .adapters import grid_rank
+
+        rank = grid_rank(family)
         if rank is None:
             return
         axes = "(H, W)" if rank == 2 else "(T, H, W)"

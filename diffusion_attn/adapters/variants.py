@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..layout import TokenLayout
 
-__all__ = ["Variant", "VARIANTS", "adapter_family", "token_layout", "variant_of", "variant_of_classes"]
+__all__ = ["Variant", "VARIANTS", "adapter_family", "grid_rank", "token_layout", "variant_of", "variant_of_classes"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,13 @@ def adapter_family(variant: str) -> str:
     """The adapter family of a variant (``unet-sdxl`` -> ``unet``); a family name maps to itself."""
     v = VARIANTS.get(variant)
     return v.family if v is not None else variant
+
+
+def grid_rank(family: str) -> int | None:
+    """Rank of the token grid of a family or variant: 2 for images (H, W), 3 for video (T, H, W); None
+    for an unknown name."""
+    ranks = {3 if v.video else 2 for v in VARIANTS.values() if family in (v.name, v.family)}
+    return ranks.pop() if len(ranks) == 1 else None
 
 
 def variant_of(model) -> str | None:
