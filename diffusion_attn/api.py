@@ -8,7 +8,7 @@ import copy
 import torch
 
 from .adapters import FAMILIES, family_of
-from .context import RunContext, attach_context, detach_context, find_context
+from .context import RunContext, SchedulerWatch, attach_context, detach_context, find_context
 from .kernels import full_mask
 from .layout import TokenLayout
 from .processors.base import PatternProcessor
@@ -84,6 +84,9 @@ def apply(pipe_or_model, method: str, **params) -> Handle:
     """Install ``method`` on a pipeline (all its denoisers) or on a denoiser model.
 
     Validates everything before touching the model; on any error the model is left exactly as it was.
+    Given a pipeline, each pipeline call is one run (the run context watches its scheduler's
+    ``set_timesteps`` and ``step``, see :mod:`diffusion_attn.context`); given a bare denoiser, steps are
+    inferred from the timesteps of its calls.
     Returns a :class:`Handle`; ``handle.remove()`` or ``diffusion_attn.remove(pipe)`` restores the
     original processors and modules bit-exactly.
     """
@@ -102,11 +105,17 @@ def apply(pipe_or_model, method: str, **params) -> Handle:
             what = f"{active.method!r}" if active is not None else "a diffusion_attn method"
             raise ValueError(f"{what} is already applied to this {type(m).__name__}; call remove() first")
     resolved = spec.resolve(params, _variant(pipe_or_model, families[0].name))
-    context = RunContext(families[0].name, scheduler=getattr(pipe_or_model, "scheduler", None))
+    context = RunContext(families[0].name)
     undo: list = []
     try:
+        watch = None
+        if not isinstance(pipe_or_model, torch.nn.Module):
+            # a pipeline: explicit run boundary at each call, steps from what diffusers publishes
+            context.pipeline = pipe_or_model
+            watch = SchedulerWatch(context, pipe_or_model)
+            undo.append(watch.remove)
         for m, fam in zip(models, families):
-            attach_context(m, context, fam.read_call)
+            attach_context(m, context, fam.read_call, watch)
             undo.append(lambda m=m: detach_context(m))
             undo.extend(spec.install(m, fam, context, resolved))
     except BaseException:
