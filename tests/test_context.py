@@ -1,6 +1,6 @@
 """The run context: run boundary per pipeline call (B1), steps and run length from what diffusers
 publishes (B4's step counting), offload hooks before or after apply (B6), cache_context names, the bare
-model fallback, and an exact remove."""
+model fallback, call-time inputs (item 8), and an exact remove."""
 
 import functools
 
@@ -10,6 +10,7 @@ import torch
 import diffusion_attn as da
 from diffusion_attn.context import ContextHook, find_context
 from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
+from diffusion_attn.processors.gna import GNAProcessor
 
 FAMILY = {"tiny-sd15": "unet-sd15", "tiny-sdxl": "unet-sdxl", "tiny-wan": "wan", "tiny-wan22": "wan",
           "tiny-hunyuanvideo": "hunyuanvideo", "tiny-mochi": "mochi", "tiny-flux": "flux"}
@@ -235,3 +236,62 @@ def test_model_cpu_offload_before_or_after_apply(name, order):
     assert "set_timesteps" not in pipe.scheduler.__dict__ and "step" not in pipe.scheduler.__dict__
     assert _offload_hooks_present(pipe)
     assert torch.equal(generate(pipe, name, **kw), stock)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Item 8: call-time inputs
+# ---------------------------------------------------------------------------------------------------
+class ProbeProcessor(GNAProcessor):
+    """GNA that takes a call input ``probe`` and records what it saw."""
+
+    call_inputs = ("probe",)
+    seen: list
+
+    def core(self, q, k, v, layout, attention_mask=None):
+        self.seen.append(self.context.call_kwargs.get("probe"))
+        return super().core(q, k, v, layout, attention_mask)
+
+
+def test_call_inputs_reach_processors_through_the_context():
+    """Wan's model never forwards ``attention_kwargs`` to its processors: they get them from the context."""
+    pipe = build_pipeline("tiny-wan")
+    pipe.set_progress_bar_config(disable=True)
+    model = pipe.transformer
+    probe = ProbeProcessor(window=(3, 4, 6))
+    probe.seen = []  # shared by the per-layer copies attach makes
+    model.set_attn_processor({n: probe if n.endswith("attn1.processor") else p for n, p in model.attn_processors.items()})
+    handle = da.attach(model)
+    assert handle.context.call_kwargs == {} and "probe" in handle.context.call_inputs
+    calls = 2 * 2 * len(model.blocks)  # 2 steps x (cond, uncond) x layers
+    generate(pipe, "tiny-wan", attention_kwargs={"probe": 3, "scale": 1.0})  # scale: the LoRA scale (diffusers)
+    assert probe.seen == [3] * calls
+    with pytest.raises(TypeError):
+        handle.context.call_kwargs["probe"] = 4  # read-only
+    generate(pipe, "tiny-wan")
+    assert probe.seen[calls:] == [None] * calls
+
+
+@pytest.mark.parametrize("name,kwarg", [("tiny-wan", "attention_kwargs"), ("tiny-flux", "joint_attention_kwargs")])
+def test_unused_call_inputs_are_an_error(name, kwarg):
+    """A key no processor, nor the model takes is an error (diffusers drops it silently for Wan, with a
+    warning for Flux), raised before any layer runs."""
+    pipe = pipe_for(name)
+    window = (3, 4, 6) if name == "tiny-wan" else (4, 6)
+    with da.applied(pipe, "gna", window=window):
+        with pytest.raises(ValueError, match=rf"{kwarg} \['boxs'\] are not taken"):
+            generate(pipe, name, **{kwarg: {"boxs": [0, 0, 1, 1]}})
+        generate(pipe, name, **{kwarg: {"scale": 1.0}})  # the LoRA scale: taken by diffusers
+
+
+def test_processor_refuses_unknown_keyword_arguments():
+    """Kwargs that reach a processor and that it does not take are an error, as with diffusers' own
+    processors (Wan's attention passes its kwargs through unfiltered)."""
+    pipe = pipe_for("tiny-wan")
+    attn = pipe.transformer.blocks[0].attn1
+    x = torch.randn(1, 288, attn.inner_dim)
+    with pytest.raises(TypeError):
+        attn(x, bogus=1)  # stock WanAttnProcessor
+    with da.applied(pipe, "gna", window=(3, 4, 6)) as h:
+        h.context.grid = (3, 8, 12)
+        with pytest.raises(TypeError, match=r"unexpected keyword arguments \['bogus'\].*call_kwargs"):
+            attn(x, bogus=1)
