@@ -8,7 +8,7 @@ import copy
 import torch
 
 from .adapters import FAMILIES, family_of
-from .context import RunContext, attach_context, detach_context, find_context
+from .context import RunContext, SchedulerWatch, attach_context, detach_context, find_context
 from .kernels import full_mask
 from .layout import TokenLayout
 from .processors.base import PatternProcessor
@@ -104,6 +104,10 @@ def apply(pipe_or_model, method, **params) -> Handle:
     on any error the model is left exactly as it was. Returns a :class:`Handle` (``handle.config``: the
     resolved config; ``handle.params``: the same as a dict); ``handle.remove()`` or
     ``diffusion_attn.remove(pipe)`` restores the original processors and modules bit-exactly.
+
+    Given a pipeline, each pipeline call is one run (the run context watches its scheduler's
+    ``set_timesteps`` and ``step``, see :mod:`diffusion_attn.context`); given a bare denoiser, steps are
+    inferred from the timesteps of its calls.
     """
     spec, params = _method_and_params(method, params)
     models = denoisers(pipe_or_model)
@@ -123,11 +127,17 @@ def apply(pipe_or_model, method, **params) -> Handle:
     for m in models:
         config.check_model(m)
     resolved = config.to_dict()
-    context = RunContext(families[0].name, scheduler=getattr(pipe_or_model, "scheduler", None))
+    context = RunContext(families[0].name)
     undo: list = []
     try:
+        watch = None
+        if not isinstance(pipe_or_model, torch.nn.Module):
+            # a pipeline: explicit run boundary at each call, steps from what diffusers publishes
+            context.pipeline = pipe_or_model
+            watch = SchedulerWatch(context, pipe_or_model)
+            undo.append(watch.remove)
         for m, fam in zip(models, families):
-            attach_context(m, context, fam.read_call)
+            attach_context(m, context, fam.read_call, watch)
             undo.append(lambda m=m: detach_context(m))
             undo.extend(spec.install(m, fam, context, config))
     except BaseException:

@@ -221,8 +221,12 @@ def test_run_length_counts_context_steps():
     ctx.scheduler.set_begin_index(4)  # img2img with strength 0.6
     assert run_length(ctx) == 6
     ctx.scheduler = HeunDiscreteScheduler()
-    ctx.scheduler.set_timesteps(10)  # 19 timesteps, 10 distinct steps
-    assert len(ctx.scheduler.timesteps) == 19 and run_length(ctx) == 10
+    ctx.scheduler.set_timesteps(10)  # 19 timesteps: one step per model evaluation, as the pipeline loop counts
+    assert len(ctx.scheduler.timesteps) == 19 and run_length(ctx) == 19
+    ctx.pipeline = type("Pipe", (), {"_num_timesteps": 6})()  # in a pipeline run, what the pipeline publishes wins
+    ctx.begin_run()
+    ctx.observe(999.0, (16, 24), 0, 1, (16, 24))
+    assert run_length(ctx) == 6 and run_length(ctx, 9) == 9
 
 
 def _half(n):

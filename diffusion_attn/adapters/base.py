@@ -2,8 +2,8 @@
 
 An adapter (:class:`Family`) provides
 
-* ``read_call(model, args, kwargs)``: reads the denoiser call's token grid, text length, batch size and
-  timestep for the run context;
+* ``read_call(model, args, kwargs)``: reads the denoiser call's token grid, text length, batch size,
+  timestep and attention kwargs (:func:`call_info`) for the run context;
 * ``layers(model)``: the attention layers a pattern method replaces, as ``(processor_name, index)``;
 * ``run(proc, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, temb)``: the stock
   processor's computation (projections, qk-norm, RoPE, text/image order, output projections) with the
@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Family", "grid_from_latent", "layer_kind"]
+__all__ = ["Family", "call_info", "grid_from_latent", "layer_kind"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,13 @@ def first_tensor(args, kwargs, name: str, position: int):
     if name in kwargs:
         return kwargs[name]
     return args[position] if len(args) > position else None
+
+
+def call_info(kwargs, name: str, model_keys: tuple[str, ...], *, forwarded: bool) -> dict:
+    """The part of ``read_call``'s answer about call-time inputs: the denoiser call's attention kwargs
+    ``name`` (``call_kwargs``), the keys of them the model itself takes (``model_keys``) and whether the
+    model passes them on to its attention processors (``forwarded``)."""
+    return dict(call_kwargs=kwargs.get(name), call_kwargs_name=name, model_keys=model_keys, forwarded=forwarded)
 
 
 def grid_from_latent(shape, patch) -> tuple[int, ...]:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..layout import TokenLayout
-from .base import Family, first_tensor
+from .base import Family, call_info, first_tensor
+
+
+#: the denoiser's attention kwargs, and the keys of them the model (or diffusers' attention modules, quietly)
+#: takes itself
+_CALL_KWARGS = "joint_attention_kwargs"
+_MODEL_KEYS = ("scale", "ip_adapter_image_embeds", "ip_adapter_masks", "ip_hidden_states")
 
 
 def _read_call(model, args, kwargs):
@@ -21,7 +27,8 @@ def _read_call(model, args, kwargs):
             f"Flux image tokens ({hidden.shape[1]}) are not one {h}x{w} grid (reference-image inputs such as "
             "Kontext are not supported by grid patterns)"
         )
-    return dict(grid=(h, w), text_len=0 if text is None else text.shape[1], batch_size=hidden.shape[0],
+    return dict(**call_info(kwargs, _CALL_KWARGS, _MODEL_KEYS, forwarded=True),
+                grid=(h, w), text_len=0 if text is None else text.shape[1], batch_size=hidden.shape[0],
                 timestep=kwargs.get("timestep"))
 
 

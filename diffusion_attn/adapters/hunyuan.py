@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..layout import TokenLayout
-from .base import Family, first_tensor, grid_from_latent, qkv_heads
+from .base import Family, call_info, first_tensor, grid_from_latent, qkv_heads
+
+
+#: the denoiser's attention kwargs, and the keys of them the model (or diffusers' attention modules, quietly)
+#: takes itself
+_CALL_KWARGS = "attention_kwargs"
+_MODEL_KEYS = ("scale",)
 
 
 def _read_call(model, args, kwargs):
@@ -13,7 +19,8 @@ def _read_call(model, args, kwargs):
     text = first_tensor(args, kwargs, "encoder_hidden_states", 2)
     cfg = model.config
     grid = grid_from_latent(hidden.shape, (cfg.patch_size_t, cfg.patch_size, cfg.patch_size))
-    return dict(grid=grid, text_len=0 if text is None else text.shape[1], batch_size=hidden.shape[0],
+    return dict(**call_info(kwargs, _CALL_KWARGS, _MODEL_KEYS, forwarded=False),
+                grid=grid, text_len=0 if text is None else text.shape[1], batch_size=hidden.shape[0],
                 timestep=first_tensor(args, kwargs, "timestep", 1))
 
 

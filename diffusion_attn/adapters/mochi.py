@@ -12,13 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import TokenLayout
-from .base import Family, first_tensor, grid_from_latent, qkv_heads
+from .base import Family, call_info, first_tensor, grid_from_latent, qkv_heads
+
+
+#: the denoiser's attention kwargs, and the keys of them the model (or diffusers' attention modules, quietly)
+#: takes itself
+_CALL_KWARGS = "attention_kwargs"
+_MODEL_KEYS = ("scale",)
 
 
 def _read_call(model, args, kwargs):
     hidden = first_tensor(args, kwargs, "hidden_states", 0)
     text = first_tensor(args, kwargs, "encoder_hidden_states", 1)
-    return dict(grid=grid_from_latent(hidden.shape, (1, model.config.patch_size, model.config.patch_size)),
+    return dict(**call_info(kwargs, _CALL_KWARGS, _MODEL_KEYS, forwarded=False),
+                grid=grid_from_latent(hidden.shape, (1, model.config.patch_size, model.config.patch_size)),
                 text_len=0 if text is None else text.shape[1], batch_size=hidden.shape[0],
                 timestep=first_tensor(args, kwargs, "timestep", 2))
 

@@ -5,13 +5,20 @@ from __future__ import annotations
 import torch
 
 from ..layout import TokenLayout
-from .base import Family, first_tensor, grid_from_latent
+from .base import Family, call_info, first_tensor, grid_from_latent
+
+
+#: the denoiser's attention kwargs, and the keys of them the model (or diffusers' attention modules, quietly)
+#: takes itself
+_CALL_KWARGS = "joint_attention_kwargs"
+_MODEL_KEYS = ("scale", "ip_adapter_image_embeds", "ip_hidden_states", "temb")
 
 
 def _read_call(model, args, kwargs):
     hidden = first_tensor(args, kwargs, "hidden_states", 0)
     text = first_tensor(args, kwargs, "encoder_hidden_states", 1)
-    return dict(grid=grid_from_latent(hidden.shape, model.config.patch_size), text_len=0 if text is None else text.shape[1],
+    return dict(**call_info(kwargs, _CALL_KWARGS, _MODEL_KEYS, forwarded=True),
+                grid=grid_from_latent(hidden.shape, model.config.patch_size), text_len=0 if text is None else text.shape[1],
                 batch_size=hidden.shape[0], timestep=kwargs.get("timestep"))
 
 

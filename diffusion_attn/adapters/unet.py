@@ -10,13 +10,20 @@ from __future__ import annotations
 import math
 
 from ..layout import TokenLayout
-from .base import Family, first_tensor
+from .base import Family, call_info, first_tensor
+
+
+#: the denoiser's attention kwargs, and the keys of them the model (or diffusers' attention modules, quietly)
+#: takes itself
+_CALL_KWARGS = "cross_attention_kwargs"
+_MODEL_KEYS = ("scale", "gligen", "ip_adapter_masks", "ip_hidden_states")
 
 
 def _read_call(model, args, kwargs):
     sample = first_tensor(args, kwargs, "sample", 0)
     size = tuple(int(s) for s in sample.shape[-2:])
-    return dict(grid=size, latent_size=size, text_len=0, batch_size=sample.shape[0],
+    return dict(**call_info(kwargs, _CALL_KWARGS, _MODEL_KEYS, forwarded=True),
+                grid=size, latent_size=size, text_len=0, batch_size=sample.shape[0],
                 timestep=first_tensor(args, kwargs, "timestep", 1))
 
 

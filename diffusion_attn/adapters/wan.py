@@ -5,12 +5,19 @@ from __future__ import annotations
 import torch
 
 from ..layout import TokenLayout
-from .base import Family, first_tensor, grid_from_latent
+from .base import Family, call_info, first_tensor, grid_from_latent
+
+
+#: the denoiser's attention kwargs, and the keys of them the model (or diffusers' attention modules, quietly)
+#: takes itself
+_CALL_KWARGS = "attention_kwargs"
+_MODEL_KEYS = ("scale",)
 
 
 def _read_call(model, args, kwargs):
     hidden = first_tensor(args, kwargs, "hidden_states", 0)
-    return dict(grid=grid_from_latent(hidden.shape, model.config.patch_size), text_len=0,
+    return dict(**call_info(kwargs, _CALL_KWARGS, _MODEL_KEYS, forwarded=False),
+                grid=grid_from_latent(hidden.shape, model.config.patch_size), text_len=0,
                 batch_size=hidden.shape[0], timestep=first_tensor(args, kwargs, "timestep", 1))
 
 

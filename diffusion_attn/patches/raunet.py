@@ -50,9 +50,9 @@ How this differs from the official code, on purpose:
   not 2x (i.e. when RAU-Net changed the sizes); a forced 2x nearest upsample equals ``scale_factor=2``
   anyway, so outputs equal the official's.
 * **Run length.** ``N`` is the number of steps of the run as ``context.step`` counts them
-  (:func:`run_length`: the scheduler's distinct timesteps from ``begin_index`` on), which equals the
-  official ``pipeline._num_timesteps`` for text-to-image and for img2img pipelines that set the
-  scheduler's begin index; for SDXL's ``denoising_end`` (base + refiner) pass ``num_steps``.
+  (:func:`run_length`: the run context's ``num_steps``, i.e. the pipeline's ``_num_timesteps``), which is
+  the official's ``N`` for text-to-image, img2img (also without ``begin_index``), PNDM's repeated
+  timestep and SDXL's ``denoising_end``.
   Aggressive mode is decided per call from the latent size (the official leaves a stale per-module flag
   on after a < 4096 px run, so its following 4096 px runs would stay aggressive).
 * **Odd sizes**: as the official, ``avg_pool2d(ceil_mode=True)`` then bicubic back to the exact stored
@@ -185,30 +185,22 @@ def raunet_schedule(variant: str, latent_size: tuple[int, int], num_steps: int, 
 def run_length(context, num_steps: int | None = None, cache: dict | None = None) -> int:
     """Number of denoising steps of the current run, as ``context.step`` counts them.
 
-    ``num_steps`` (the method's parameter) wins. Otherwise from the pipeline's scheduler: its timesteps
-    from ``scheduler.begin_index`` on (img2img pipelines skip the first ones, as the official's
-    ``pipeline._num_timesteps`` does), counting a timestep repeated back to back once (second-order
-    schedulers call the model twice per step; ``context.step`` counts timestep changes).
+    ``num_steps`` (the method's parameter) wins. Otherwise the run context's :attr:`num_steps`: the
+    pipeline's ``_num_timesteps`` (what the official ``hidiffusion`` divides by: the truncated count for
+    img2img, with or without ``begin_index``, and one step per model evaluation for schedulers that repeat
+    timesteps, e.g. PNDM's N + 1), else the scheduler's timesteps from ``begin_index`` on. ``cache`` is
+    ignored (kept for callers).
     """
     if num_steps is not None:
         return int(num_steps)
-    scheduler = getattr(context, "scheduler", None)
-    timesteps = getattr(scheduler, "timesteps", None)
-    if timesteps is None:
+    n = getattr(context, "num_steps", None)
+    if n is None:
         raise RuntimeError(
             "hidiffusion's RAU-Net needs the number of denoising steps, which is unknown here (the method was "
             "applied to a bare UNet, or the scheduler has no timesteps): apply it to the pipeline, or pass "
             "num_steps=... (or apply_raunet=False)"
         )
-    begin = getattr(scheduler, "begin_index", None) or 0
-    key = (id(timesteps), len(timesteps), begin)
-    if cache is not None and cache.get("key") == key:
-        return cache["n"]
-    values = timesteps[begin:].tolist() if torch.is_tensor(timesteps) else list(timesteps)[begin:]
-    n = (1 + sum(1 for a, b in zip(values, values[1:]) if a != b)) if values else 0
-    if cache is not None:
-        cache.update(key=key, n=n, ref=timesteps)  # keep a reference so the id is not reused
-    return n
+    return int(n)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ class PatternProcessor:
     _attention_backend = None
     _parallel_config = None
     method = "base"
+    #: names of the call-time inputs this processor reads from ``self.context.call_kwargs`` (the denoiser
+    #: call's ``cross_attention_kwargs`` / ``joint_attention_kwargs`` / ``attention_kwargs``); any other key
+    #: there that nothing takes is an error at the denoiser call (see :mod:`diffusion_attn.context`)
+    call_inputs: tuple[str, ...] = ()
 
     def __init__(self, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto", layer_index: int | None = None,
                  placement: Placement | None = None):
@@ -65,6 +69,8 @@ class PatternProcessor:
         processor's module path) gives the layer kind placements select on."""
         self.context, self.family, self.layer_index = context, family, layer_index
         self.layer_kind = None if name is None else layer_kind(name)
+        if self.call_inputs and context is not None:
+            context.call_inputs.update(self.call_inputs)
         return self
 
     # -- what subclasses define -------------------------------------------------------------------
@@ -115,6 +121,15 @@ class PatternProcessor:
             )
         if self.context.grid is None:
             raise RuntimeError(f"{type(self).__name__} was called outside a denoiser forward pass; no token grid known")
+        if kwargs:
+            # diffusers' attention modules drop (with a warning) kwargs a processor does not name; those that
+            # still reach here would be lost: refuse them, as diffusers' own processors (TypeError) do
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword arguments {sorted(kwargs)}; it takes attn, "
+                "hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb / rotary_emb and temb. "
+                "Per-call inputs reach processors through the run context (context.call_kwargs): pass them in the "
+                "pipeline's cross_attention_kwargs / joint_attention_kwargs / attention_kwargs"
+            )
         rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
         return self.family.run(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, temb)
 
