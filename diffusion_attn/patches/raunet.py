@@ -37,11 +37,16 @@ How this differs from the official code, on purpose:
   call, wrapping at ``pipeline._num_timesteps``); an interrupted run, a UNet called twice per step or
   img2img desynchronises them. Here every decision reads ``context.step`` (the run context's step,
   derived from the timesteps) and :func:`run_length`.
-* **No class swapping, no attribute mutation.** The official swaps ``module.__class__`` and mutates the
-  conv's ``stride/padding/dilation`` during the call. Here: torch forward hooks on the two attention
-  models of the block variant, a forward pre-hook on each ``Downsample2D`` (records its input size) and
-  on each ``Upsample2D`` (passes the skip size), and a per-instance ``forward`` wrapper on the RAD conv
-  that calls ``F.conv2d`` with the RAD geometry. ``remove()`` deletes them; nothing else changed.
+* **No class swapping, no attribute mutation: named diffusers hooks.** The official swaps
+  ``module.__class__`` and mutates the conv's ``stride/padding/dilation`` during the call. Here every
+  patch is a diffusers ``ModelHook`` registered under a name (:data:`HOOK_NAMES`,
+  ``diffusion_attn.raunet.*``) in the module's ``HookRegistry``, as diffusers' own hooks are
+  (:class:`RAUNetConfig` + :func:`apply_raunet`): ``post_forward`` hooks on the two attention models of
+  the block variant, ``pre_forward`` hooks on each ``Downsample2D`` (records its input size) and on each
+  ``Upsample2D`` (passes the skip size), and a ``new_forward`` hook on the RAD conv that calls
+  ``F.conv2d`` with the RAD geometry. Removal goes by name through the registry, so it works whatever
+  hooks (group offloading, layerwise casting) were registered before or after, and restores each
+  module's ``__dict__`` (:mod:`diffusion_attn.patches.hooks`).
 * **Skip sizes without the ``num_upsamplers += 12`` hack.** The official bumps ``unet.num_upsamplers``
   so that ``UNet2DConditionModel.forward`` always passes ``upsample_size`` (the skip size) to every up
   block. Here each ``Upsample2D`` of ``up_blocks[i]`` gets, when diffusers passes no size, the input size
@@ -66,6 +71,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+
+from .hooks import clear_child_registry_caches, register_hook, remove_hook
 
 __all__ = [
     "RAD_STRIDE",
@@ -79,8 +87,11 @@ __all__ = [
     "raunet_schedule",
     "run_length",
     "check_raunet_targets",
+    "HOOK_NAMES",
+    "RAUNetConfig",
+    "apply_raunet",
+    "remove_raunet",
     "install_raunet",
-    "wrap_forward",
 ]
 
 RAD_STRIDE = (4, 4)
@@ -212,34 +223,8 @@ def run_length(context, num_steps: int | None = None, cache: dict | None = None)
 
 
 # ------------------------------------------------------------------------------------------------------
-# Patch primitives
+# Helpers
 # ------------------------------------------------------------------------------------------------------
-def wrap_forward(module: torch.nn.Module, make: Callable[[Callable], Callable], name: str = "") -> Callable[[], None]:
-    """Replace ``module.forward`` on this instance by ``make(previous_forward)``; returns the exact undo.
-
-    The undo restores the previous instance attribute (or deletes ours when there was none, so the class
-    method shows again). If something else replaced ``forward`` after us, the undo refuses rather than
-    silently dropping it.
-    """
-    had = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    wrapper = make(module.forward)
-    module.forward = wrapper
-
-    def undo():
-        if module.__dict__.get("forward") is not wrapper:
-            raise RuntimeError(
-                f"the forward of {name or type(module).__name__} was replaced after hidiffusion patched it; "
-                "remove that patch first"
-            )
-        if had:
-            module.forward = previous
-        else:
-            del module.forward
-
-    return undo
-
-
 def _sample_of(output):
     """The sample tensor of a Transformer2DModel output (tuple or output dataclass)."""
     if isinstance(output, tuple):
@@ -295,93 +280,254 @@ def check_raunet_targets(unet: torch.nn.Module, variant: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Install
+# Hooks
 # ------------------------------------------------------------------------------------------------------
-def install_raunet(unet: torch.nn.Module, variant: str, context, *, t1_ratio: float | None = None,
-                   t2_ratio: float | None = None, aggressive: bool | None = None,
-                   num_steps: int | None = None) -> list[Callable[[], None]]:
-    """Patch ``unet`` (an SD 1.5/2.1- or SDXL-shaped UNet2DConditionModel) with RAU-Net for ``variant``.
+HOOK_PREFIX = "diffusion_attn.raunet"
+RAD_CONV_HOOK = f"{HOOK_PREFIX}.rad_conv"  #: on the RAD conv: stride 4 / padding 2 / dilation 2 while on
+POOL_HOOK = f"{HOOK_PREFIX}.pool"  #: on the ``pool`` attention model: avg-pool its output while on
+UNPOOL_HOOK = f"{HOOK_PREFIX}.unpool"  #: on the ``unpool`` attention model: bicubic back to the stored size
+SKIP_RECORD_HOOK = f"{HOOK_PREFIX}.skip_record"  #: on every Downsample2D: records its input size
+SKIP_SIZE_HOOK = f"{HOOK_PREFIX}.skip_size"  #: on every Upsample2D: upsamples to the paired skip's size
+RESIDUALS_HOOK = f"{HOOK_PREFIX}.residuals"  #: on the UNet: notes ControlNet / adapter residuals of a call
+HOOK_NAMES = (RAD_CONV_HOOK, POOL_HOOK, UNPOOL_HOOK, SKIP_RECORD_HOOK, SKIP_SIZE_HOOK, RESIDUALS_HOOK)
 
-    Decisions read ``context.step`` and ``context.latent_size`` (the run context of ``diffusion_attn``)
-    and :func:`run_length`. Returns the undo callables (run them in reverse order).
+#: UNet2DConditionModel.forward arguments that add residuals of the full-resolution feature sizes
+#: (ControlNet, T2I-Adapter), with their positions
+_RESIDUAL_ARGS = ((8, "down_block_additional_residuals"), (9, "mid_block_additional_residual"),
+                  (10, "down_intrablock_additional_residuals"))
+
+
+@dataclass(frozen=True)
+class RAUNetConfig:
+    """RAU-Net on one UNet, for :func:`apply_raunet` (diffusers' ``Config`` + ``apply_x`` style).
+
+    ``variant``: ``sd15`` (also 2.1), ``sdxl`` or ``sdxl-turbo``. ``t1_ratio`` / ``t2_ratio`` /
+    ``aggressive``: None = the official value for the variant and latent size (:func:`raunet_schedule`).
+    ``num_steps``: steps of a run; None = from the pipeline's scheduler (:func:`run_length`).
     """
-    if variant not in RAUNET_TARGETS:
-        raise ValueError(f"unknown HiDiffusion model variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+
+    variant: str
+    t1_ratio: float | None = None
+    t2_ratio: float | None = None
+    aggressive: bool | None = None
+    num_steps: int | None = None
+
+    def __post_init__(self):
+        if self.variant not in RAUNET_TARGETS:
+            raise ValueError(f"unknown HiDiffusion model variant {self.variant!r}; accepted: {', '.join(VARIANTS)}")
+
+
+class RAUNetState:
+    """What the hooks of one :func:`apply_raunet` share: the config, the run context and the sizes seen
+    in the current UNet call. Every decision reads ``context.step`` and ``context.latent_size``."""
+
+    def __init__(self, config: RAUNetConfig, context):
+        self.config, self.context = config, context
+        self.skip: dict[int, tuple[int, int]] = {}  # down level -> input size of its Downsample2D
+        self.pool_size: tuple[int, int] | None = None  # size before the avg-pool, while the block stage is on
+        self.steps: dict = {}  # run_length cache
+        self.residuals: tuple[str, ...] = ()  # residual arguments given to the current UNet call
+
+    def schedule(self) -> RAUNetSchedule:
+        if self.context.latent_size is None:
+            raise RuntimeError("RAU-Net module called outside a UNet forward pass (no latent size known)")
+        cfg = self.config
+        n = run_length(self.context, cfg.num_steps, self.steps)
+        return raunet_schedule(cfg.variant, self.context.latent_size, n, cfg.t1_ratio, cfg.t2_ratio, cfg.aggressive)
+
+    def conv_on(self) -> bool:
+        return self._checked(self.schedule().conv_on(self.context.step))
+
+    def block_on(self) -> bool:
+        return self._checked(self.schedule().block_on(self.context.step))
+
+    def _checked(self, on: bool) -> bool:
+        if on and self.residuals:
+            raise ValueError(
+                f"hidiffusion's RAU-Net cannot run with {' / '.join(self.residuals)} (ControlNet or T2I-Adapter "
+                "residuals): they have the UNet's full-resolution feature sizes, which RAU-Net changes in the first "
+                f"steps (step {self.context.step} here); apply hidiffusion with apply_raunet=False"
+            )
+        return on
+
+
+def _inner_hooks(module: torch.nn.Module, hook: ModelHook) -> list[ModelHook]:
+    """The diffusers hooks registered on ``module`` before ``hook`` (inside it in the chain), outermost first."""
+    registry = module._diffusers_hook
+    names = registry._hook_order
+    index = next(i for i, n in enumerate(names) if registry.hooks[n] is hook)
+    return [registry.hooks[n] for n in reversed(names[:index])]
+
+
+class RADConvHook(ModelHook):
+    """RAD: while the conv stage is on, the downsampler conv runs at ``stride=(4, 4), padding=(2, 2),
+    dilation=(2, 2)`` (``F.conv2d`` with the conv's own weights); otherwise the conv's forward, untouched.
+
+    Hooks registered on the conv before this one (group offloading, layerwise casting: they onload or
+    cast the weights in ``pre_forward`` and undo it in ``post_forward``) run around the RAD conv as they
+    would around the conv's own forward.
+    """
+
+    def __init__(self, state: RAUNetState):
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module, *args, **kwargs):
+        if not self.state.conv_on():
+            return self.fn_ref.original_forward(*args, **kwargs)
+        inner = _inner_hooks(module, self)
+        replacing = [type(h).__name__ for h in inner if hasattr(h, "new_forward")]
+        if replacing:
+            raise RuntimeError(
+                f"RAU-Net's RAD conv cannot run inside {', '.join(replacing)} (registered on the conv before "
+                "hidiffusion, it replaces the conv's forward): apply hidiffusion first, or apply_raunet=False"
+            )
+        for h in inner:
+            args, kwargs = h.pre_forward(module, *args, **kwargs)
+        x = args[0] if args else kwargs["input"]
+        out = F.conv2d(x, module.weight, module.bias, RAD_STRIDE, RAD_PADDING, RAD_DILATION, module.groups)
+        for h in reversed(inner):
+            out = h.post_forward(module, out)
+        return out
+
+
+class PoolHook(ModelHook):
+    """Block variant, down side: avg-pool (2 x 2, ``ceil_mode``) the attention model's output while the
+    block stage is on, storing the size before."""
+
+    def __init__(self, state: RAUNetState):
+        super().__init__()
+        self.state = state
+
+    def post_forward(self, module, output):
+        state = self.state
+        if not state.block_on():
+            state.pool_size = None
+            return output
+        sample = _sample_of(output)
+        state.pool_size = tuple(sample.shape[-2:])
+        return _with_sample(output, F.avg_pool2d(sample, kernel_size=(2, 2), ceil_mode=True))
+
+
+class UnpoolHook(ModelHook):
+    """Block variant, up side: bicubic-interpolate the attention model's output back to the stored size."""
+
+    def __init__(self, state: RAUNetState):
+        super().__init__()
+        self.state = state
+
+    def post_forward(self, module, output):
+        size = self.state.pool_size
+        if size is None:
+            return output
+        return _with_sample(output, F.interpolate(_sample_of(output), size=size, mode="bicubic"))
+
+
+class SkipRecordHook(ModelHook):
+    """On the Downsample2D of down level ``level``: records its input size (the skip connection that the
+    paired up level's Upsample2D must reach)."""
+
+    def __init__(self, state: RAUNetState, level: int):
+        super().__init__()
+        self.state, self.level = state, level
+
+    def pre_forward(self, module, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        self.state.skip[self.level] = tuple(x.shape[-2:])
+        return args, kwargs
+
+
+class SkipSizeHook(ModelHook):
+    """On an Upsample2D: when diffusers passes no ``output_size`` and the recorded skip size of the paired
+    down level is not 2x the input (RAU-Net changed the sizes), pass that size."""
+
+    def __init__(self, state: RAUNetState, level: int):
+        super().__init__()
+        self.state, self.level = state, level
+
+    def pre_forward(self, module, *args, **kwargs):
+        given = args[1] if len(args) > 1 else kwargs.get("output_size")
+        if given is not None:
+            return args, kwargs  # diffusers already forwards the skip size
+        x = args[0] if args else kwargs["hidden_states"]
+        target = self.state.skip.get(self.level)
+        if target is None or target == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return args, kwargs
+        if len(args) > 1:
+            return (args[0], target) + tuple(args[2:]), kwargs
+        return args, {**kwargs, "output_size": target}
+
+
+class ResidualsHook(ModelHook):
+    """On the UNet: notes which residual arguments (ControlNet, T2I-Adapter) the current call got, so that
+    a RAU-Net stage refuses to run with them (a clear error instead of a shape mismatch deep in the UNet)."""
+
+    def __init__(self, state: RAUNetState):
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.state.residuals = tuple(name for i, name in _RESIDUAL_ARGS
+                                     if (args[i] if len(args) > i else kwargs.get(name)) is not None)
+        return args, kwargs
+
+
+# ------------------------------------------------------------------------------------------------------
+# Apply / remove
+# ------------------------------------------------------------------------------------------------------
+def apply_raunet(unet: torch.nn.Module, config: RAUNetConfig, context) -> list[Callable[[], None]]:
+    """Register RAU-Net's named diffusers hooks on ``unet`` (an SD 1.5/2.1- or SDXL-shaped
+    UNet2DConditionModel) for ``config.variant``; returns the undo callables (run them in reverse order).
+
+    Hooks (:data:`HOOK_NAMES`): ``rad_conv`` on the RAD conv, ``pool`` / ``unpool`` on the block variant's
+    attention models, ``skip_record`` on every Downsample2D, ``skip_size`` on every Upsample2D,
+    ``residuals`` on the UNet. Each undo removes one hook by name through the module's registry, which
+    works whatever hooks were registered on the module before or after, and leaves the module's
+    ``__dict__`` as it was (:mod:`diffusion_attn.patches.hooks`). Decisions read ``context.step`` and
+    ``context.latent_size`` (the run context of ``diffusion_attn``) and :func:`run_length`.
+    """
+    if not isinstance(config, RAUNetConfig):
+        raise TypeError(f"config must be a RAUNetConfig, got {type(config).__name__}")
+    variant = config.variant
     problems = check_raunet_targets(unet, variant)
     if problems:
         raise ValueError(f"RAU-Net ({variant}) cannot be installed; expected: {'; '.join(problems)}")
     targets = RAUNET_TARGETS[variant]
-    state: dict = {"skip": {}, "pool_size": None, "steps": {}}
-
-    def schedule() -> RAUNetSchedule:
-        if context.latent_size is None:
-            raise RuntimeError("RAU-Net module called outside a UNet forward pass (no latent size known)")
-        n = run_length(context, num_steps, state["steps"])
-        return raunet_schedule(variant, context.latent_size, n, t1_ratio, t2_ratio, aggressive)
-
-    undo: list = []
+    state = RAUNetState(config, context)
+    undo: list = [lambda: clear_child_registry_caches(unet)]  # runs last
     try:
-        # -- RAD: the downsampler conv at stride 4 / padding 2 / dilation 2 while the conv stage is on
         if targets["conv"]:
-            conv = unet.get_submodule(targets["conv"])
-
-            def make_rad(inner, conv=conv):
-                def rad_forward(hidden_states, *args, **kwargs):
-                    if schedule().conv_on(context.step):
-                        return F.conv2d(hidden_states, conv.weight, conv.bias, RAD_STRIDE, RAD_PADDING,
-                                        RAD_DILATION, conv.groups)
-                    return inner(hidden_states, *args, **kwargs)
-
-                return rad_forward
-
-            undo.append(wrap_forward(conv, make_rad, targets["conv"]))
-
-        # -- avg-pool after the first (resnet, attention) pair of the down block ...
-        def pool_hook(module, args, output):
-            if not schedule().block_on(context.step):
-                state["pool_size"] = None
-                return None
-            sample = _sample_of(output)
-            state["pool_size"] = tuple(sample.shape[-2:])
-            return _with_sample(output, F.avg_pool2d(sample, kernel_size=(2, 2), ceil_mode=True))
-
-        # -- ... and bicubic back to the stored size after the second pair of the up block
-        def unpool_hook(module, args, output):
-            size = state["pool_size"]
-            if size is None:
-                return None
-            return _with_sample(output, F.interpolate(_sample_of(output), size=size, mode="bicubic"))
-
-        undo.append(unet.get_submodule(targets["pool"]).register_forward_hook(pool_hook).remove)
-        undo.append(unet.get_submodule(targets["unpool"]).register_forward_hook(unpool_hook).remove)
-
-        # -- RAU and odd sizes: every Upsample2D hits its skip connection's size
+            undo.append(register_hook(unet.get_submodule(targets["conv"]), RADConvHook(state), RAD_CONV_HOOK))
+        undo.append(register_hook(unet.get_submodule(targets["pool"]), PoolHook(state), POOL_HOOK))
+        undo.append(register_hook(unet.get_submodule(targets["unpool"]), UnpoolHook(state), UNPOOL_HOOK))
         n = len(unet.down_blocks)
         for j, block in enumerate(unet.down_blocks):
             if getattr(block, "downsamplers", None):
-                def record(module, args, kwargs, j=j):
-                    x = args[0] if args else kwargs["hidden_states"]
-                    state["skip"][j] = tuple(x.shape[-2:])
-                    return None
-
-                undo.append(block.downsamplers[0].register_forward_pre_hook(record, with_kwargs=True).remove)
+                undo.append(register_hook(block.downsamplers[0], SkipRecordHook(state, j), SKIP_RECORD_HOOK))
         for i, block in enumerate(unet.up_blocks):
             if getattr(block, "upsamplers", None):
-                def to_skip(module, args, kwargs, j=n - 2 - i):
-                    given = args[1] if len(args) > 1 else kwargs.get("output_size")
-                    if given is not None:
-                        return None  # diffusers already forwards the skip size
-                    x = args[0] if args else kwargs["hidden_states"]
-                    target = state["skip"].get(j)
-                    if target is None or target == (2 * x.shape[-2], 2 * x.shape[-1]):
-                        return None
-                    if len(args) > 1:
-                        return (args[0], target) + tuple(args[2:]), kwargs
-                    return args, {**kwargs, "output_size": target}
-
-                undo.append(block.upsamplers[0].register_forward_pre_hook(to_skip, with_kwargs=True).remove)
+                undo.append(register_hook(block.upsamplers[0], SkipSizeHook(state, n - 2 - i), SKIP_SIZE_HOOK))
+        undo.append(register_hook(unet, ResidualsHook(state), RESIDUALS_HOOK))
     except BaseException:
         for fn in reversed(undo):
             fn()
         raise
+    clear_child_registry_caches(unet)
     return undo
+
+
+def remove_raunet(unet: torch.nn.Module) -> int:
+    """Remove every RAU-Net hook from ``unet`` by name (whatever else is registered); returns how many."""
+    removed = 0
+    for _, module in unet.named_modules():
+        for name in HOOK_NAMES:
+            removed += remove_hook(module, name)
+    clear_child_registry_caches(unet)
+    return removed
+
+
+def install_raunet(unet: torch.nn.Module, variant: str, context, *, t1_ratio: float | None = None,
+                   t2_ratio: float | None = None, aggressive: bool | None = None,
+                   num_steps: int | None = None) -> list[Callable[[], None]]:
+    """``apply_raunet(unet, RAUNetConfig(variant, ...), context)`` (the keyword form)."""
+    return apply_raunet(unet, RAUNetConfig(variant, t1_ratio, t2_ratio, aggressive, num_steps), context)

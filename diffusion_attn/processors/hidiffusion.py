@@ -38,11 +38,12 @@ Odd sizes (never a crash, never a silent resize):
 * RAU-Net: as the official, ``avg_pool2d(ceil_mode=True)`` and bicubic back to the stored size, and every
   ``Upsample2D`` hits its skip connection's size, whatever the latent size.
 
-Other deviations from the official: no class swapping (processors + removable hooks, bit-exact
-``remove()``); step-driven schedules instead of per-module call counters; the skip-size forcing does
-not use the ``num_upsamplers += 12`` hack (see :mod:`diffusion_attn.patches.raunet`). Not supported:
+Other deviations from the official: no class swapping (processors + named diffusers hooks,
+bit-exact ``remove()``); step-driven schedules instead of per-module call counters; the skip-size
+forcing does not use the ``num_upsamplers += 12`` hack (see :mod:`diffusion_attn.patches.raunet`). Not supported:
 ControlNet / T2I-adapter residuals while RAU-Net changes sizes (the official patches the ControlNet
-pipeline for that), and LoRA layers that wrap the RAD conv (peft) -- use ``apply_raunet=False`` there.
+pipeline for that; a UNet given such residuals while a RAU-Net stage is on raises a clear error), and
+LoRA layers that wrap the RAD conv (peft) -- use ``apply_raunet=False`` there.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import hashlib
 import torch
 
 from ..layout import TokenLayout
-from ..patches.raunet import check_raunet_targets, install_raunet
+from ..patches.raunet import RAUNetConfig, apply_raunet, check_raunet_targets
 from ..patterns import shifted_window_pattern
 from ..registry import MethodSpec, Param, register
 from .base import PatternProcessor
@@ -231,9 +232,9 @@ def _install(model, family, context, params):
 
             undo.extend(install_processors(model, family, context, make, layers=layers))
         if params["apply_raunet"]:
-            undo.extend(install_raunet(model, variant, context, t1_ratio=params["t1_ratio"],
-                                       t2_ratio=params["t2_ratio"], aggressive=params["aggressive"],
-                                       num_steps=params["num_steps"]))
+            config = RAUNetConfig(variant, t1_ratio=params["t1_ratio"], t2_ratio=params["t2_ratio"],
+                                  aggressive=params["aggressive"], num_steps=params["num_steps"])
+            undo.extend(apply_raunet(model, config, context))
     except BaseException:
         for fn in reversed(undo):
             fn()

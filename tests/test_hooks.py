@@ -1,0 +1,270 @@
+"""Every module patch is a named diffusers hook: the shared helper (diffusion_attn.patches.hooks), RAU-Net
+under other diffusers hooks registered after or before it (B2: group offloading, layerwise casting), an
+honest Handle.remove, and ControlNet / T2I-Adapter pipelines refused by RAU-Net (B4)."""
+
+import functools
+import inspect
+
+import pytest
+import torch
+from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading, apply_layerwise_casting
+
+import diffusion_attn as da
+from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
+from diffusion_attn.patches.hooks import hook_names, register_hook, remove_hook
+from diffusion_attn.patches.raunet import HOOK_NAMES, RAD_CONV_HOOK, RAUNET_TARGETS
+
+FAMILY = {"tiny-sd15": "unet-sd15", "tiny-sdxl": "unet-sdxl"}
+# the fewest steps for which every RAU-Net stage of the official schedule is on at some step (the conv
+# stage at step 0 in both)
+STEPS = {"tiny-sd15": 3, "tiny-sdxl": 7}
+VARIANT = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The helper, on a bare module
+# ---------------------------------------------------------------------------------------------------
+class AddHook(ModelHook):
+    """post_forward: output + value."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def post_forward(self, module, output):
+        return output + self.value
+
+
+class ScaleForwardHook(ModelHook):
+    """new_forward: the chain below, times ``factor``."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.fn_ref.original_forward(*args, **kwargs) * self.factor
+
+
+def ids(module):
+    return {k: id(v) for k, v in module.__dict__.items()}
+
+
+def linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 3), torch.randn(2, 3)
+
+
+@pytest.mark.parametrize("ours", [AddHook(1.0), ScaleForwardHook(3.0)])
+def test_register_then_remove_restores_the_module_dict(ours):
+    lin, x = linear()
+    base, before = lin(x), ids(lin)
+    undo = register_hook(lin, ours, "diffusion_attn.test")
+    assert "_diffusers_hook" in lin.__dict__ and "forward" in lin.__dict__
+    expected = base + 1.0 if isinstance(ours, AddHook) else base * 3.0
+    assert torch.equal(lin(x), expected)
+    with pytest.raises(RuntimeError, match="already registered"):
+        register_hook(lin, AddHook(2.0), "diffusion_attn.test")
+    undo()
+    assert ids(lin) == before  # no registry, no instance forward left behind
+    assert torch.equal(lin(x), base)
+    undo()  # a second undo finds nothing to do
+    assert ids(lin) == before
+
+
+@pytest.mark.parametrize("other", [AddHook(10.0), ScaleForwardHook(2.0)])
+def test_remove_with_another_hook_registered_before(other):
+    lin, x = linear()
+    base = lin(x)
+    HookRegistry.check_if_exists_or_initialize(lin).register_hook(other, "other")
+    before = ids(lin)
+    with_other = base + 10.0 if isinstance(other, AddHook) else base * 2.0
+    undo = register_hook(lin, AddHook(1.0), "diffusion_attn.test")
+    assert torch.equal(lin(x), with_other + 1.0)
+    undo()
+    assert ids(lin) == before  # the other hook's registry and forward, the same objects
+    assert hook_names(lin) == ["other"] and torch.equal(lin(x), with_other)
+
+
+@pytest.mark.parametrize("ours", [AddHook(1.0), ScaleForwardHook(3.0)])
+@pytest.mark.parametrize("other", [AddHook(10.0), ScaleForwardHook(2.0)])
+def test_remove_with_another_hook_registered_after(ours, other):
+    lin, x = linear()
+    base = lin(x)
+    undo = register_hook(lin, ours, "diffusion_attn.test")
+    HookRegistry.check_if_exists_or_initialize(lin).register_hook(other, "other")
+    undo()
+    # the other hook stays and works (diffusers alone would drop a new_forward hook registered after the
+    # removed one from the chain); ours is gone
+    assert hook_names(lin) == ["other"]
+    assert torch.equal(lin(x), base + 10.0 if isinstance(other, AddHook) else base * 2.0)
+    lin._diffusers_hook.remove_hook("other", recurse=False)
+    assert torch.equal(lin(x), base)
+
+
+def test_remove_after_diffusers_removed_a_hook_below_ours():
+    lin, x = linear()
+    base = lin(x)
+    HookRegistry.check_if_exists_or_initialize(lin).register_hook(AddHook(10.0), "other")
+    undo = register_hook(lin, ScaleForwardHook(3.0), "diffusion_attn.test")
+    assert torch.equal(lin(x), (base + 10.0) * 3.0)
+    lin._diffusers_hook.remove_hook("other", recurse=False)  # diffusers re-links around it
+    undo()
+    assert hook_names(lin) == [] and torch.equal(lin(x), base)  # the removed hook does not come back
+
+
+# ---------------------------------------------------------------------------------------------------
+# RAU-Net under group offloading and layerwise casting (B2)
+# ---------------------------------------------------------------------------------------------------
+def generate(pipe, name):
+    kw = default_call_kwargs(FAMILY[name], num_inference_steps=STEPS[name], output_type="latent")
+    return pipe(prompt="a red fox in the snow", generator=torch.Generator().manual_seed(0), **kw)[0]
+
+
+def fresh(name):
+    pipe = build_pipeline(name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _fingerprint(v):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, tuple) and all(isinstance(x, (bool, int, float, str)) for x in v):
+        return v
+    if isinstance(v, dict):
+        return ("dict", id(v), tuple((k, id(x)) for k, x in v.items()))
+    return ("obj", id(v))
+
+
+def module_state(unet):
+    """Every module: identity, class, attributes (dicts by content, objects by identity), hook names."""
+    return {name: (id(m), type(m), {k: _fingerprint(v) for k, v in m.__dict__.items()}, tuple(hook_names(m)))
+            for name, m in unet.named_modules()}
+
+
+def structure(unet):
+    """Per module: attribute names and hook names (comparable across two pipelines)."""
+    return {name: (tuple(sorted(m.__dict__)), tuple(hook_names(m))) for name, m in unet.named_modules()}
+
+
+OTHERS = {
+    "offload-leaf": lambda unet: apply_group_offloading(unet, onload_device="cpu", offload_device="cpu",
+                                                        offload_type="leaf_level"),
+    "offload-block": lambda unet: apply_group_offloading(unet, onload_device="cpu", offload_device="cpu",
+                                                         offload_type="block_level", num_blocks_per_group=1),
+    "casting": lambda unet: apply_layerwise_casting(unet, storage_dtype=torch.bfloat16, compute_dtype=torch.float32),
+}
+
+
+def round_like_casting(ref_unet, cast_unet):
+    """The weights that layerwise casting stores in bf16, rounded the same way on a hook-free twin: the
+    independent reference for a pipeline under layerwise casting (fp32 compute)."""
+    n = 0
+    for name, m in cast_unet.named_modules():
+        if "layerwise_casting" in hook_names(m):
+            twin = ref_unet.get_submodule(name)
+            for p in twin.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16).to(torch.float32)
+            n += 1
+    assert n > 0
+
+
+@functools.lru_cache(maxsize=None)
+def references(name, other):
+    """(stock, hidiffusion) latents of a pipeline with no hooks (weights rounded as the other hooks
+    store them, for casting)."""
+    pipe = fresh(name)
+    if other == "casting":
+        probe = fresh(name)
+        OTHERS[other](probe.unet)
+        round_like_casting(pipe.unet, probe.unet)
+    stock = generate(pipe, name)
+    with da.applied(pipe, "hidiffusion", seed=1):
+        hid = generate(pipe, name)
+    return stock, hid
+
+
+@pytest.mark.parametrize("name,other", [
+    ("tiny-sd15", "offload-leaf"), ("tiny-sd15", "casting"),
+    ("tiny-sdxl", "offload-leaf"), ("tiny-sdxl", "casting"), ("tiny-sdxl", "offload-block"),
+])
+@pytest.mark.parametrize("order", ["hooks-after-apply", "hooks-before-apply"])
+def test_hidiffusion_with_other_diffusers_hooks(name, other, order):
+    stock, hid = references(name, other)
+    assert not torch.equal(stock, hid)
+    control = fresh(name)  # the other hooks alone: the structure remove() must leave
+    OTHERS[other](control.unet)
+    pipe = fresh(name)
+    untouched = module_state(pipe.unet)
+    if order == "hooks-before-apply":
+        OTHERS[other](pipe.unet)
+        before = module_state(pipe.unet)
+    handle = da.apply(pipe, "hidiffusion", seed=1)
+    if order == "hooks-after-apply":
+        OTHERS[other](pipe.unet)
+    conv = pipe.unet.get_submodule(RAUNET_TARGETS[VARIANT[name]]["conv"])
+    if other != "offload-block":  # leaf-level hooks share the RAD conv with RAU-Net, in the order applied
+        assert len(hook_names(conv)) == 2 and hook_names(conv).index(RAD_CONV_HOOK) == (order == "hooks-before-apply")
+    assert torch.equal(generate(pipe, name), hid)  # RAU-Net (conv stage at step 0) + MSW-MSA, under the hooks
+    handle.remove()
+    assert not handle.active
+    assert not any(h.startswith("diffusion_attn.") for _, m in pipe.unet.named_modules() for h in hook_names(m))
+    assert structure(pipe.unet) == structure(control.unet)
+    if order == "hooks-before-apply":
+        assert module_state(pipe.unet) == before  # bit-exact: every registry, forward and attribute as before
+    else:  # modules without the other hooks are exactly as before apply
+        now = module_state(pipe.unet)
+        assert all(now[n] == untouched[n] for n, m in control.unet.named_modules() if not hook_names(m))
+    assert torch.equal(generate(pipe, name), stock)  # the other hooks still work, RAU-Net is gone
+
+
+def test_remove_then_reapply_under_other_hooks():
+    name = "tiny-sd15"
+    stock, hid = references(name, "offload-leaf")
+    pipe = fresh(name)
+    handle = da.apply(pipe, "hidiffusion", seed=1)
+    OTHERS["offload-leaf"](pipe.unet)
+    handle.remove()
+    with da.applied(pipe, "hidiffusion", seed=1):
+        assert torch.equal(generate(pipe, name), hid)
+    assert torch.equal(generate(pipe, name), stock)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Handle.remove never reports what it did not achieve
+# ---------------------------------------------------------------------------------------------------
+def test_failed_undo_keeps_the_handle_active_and_can_be_retried():
+    name = "tiny-sd15"
+    stock, _ = references(name, "offload-leaf")
+    pipe = fresh(name)
+    handle = da.apply(pipe, "hidiffusion", seed=1)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk on fire")
+
+    handle._undo.insert(1, flaky)  # an undo step that fails once
+    with pytest.raises(RuntimeError, match="stays active.*disk on fire"):
+        handle.remove()
+    assert handle.active and "active" in repr(handle)
+    assert getattr(pipe.unet, "_diffusion_attn_handle", None) is handle
+    assert torch.equal(generate(pipe, name), stock)  # every other step was undone
+    with pytest.raises(ValueError, match="already applied"):
+        da.apply(pipe, "hidiffusion")
+    handle.remove()  # retries only what failed
+    assert not handle.active and len(calls) == 2
+    assert getattr(pipe.unet, "_diffusion_attn_handle", None) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hook names
+# ---------------------------------------------------------------------------------------------------
+def test_hook_names_are_namespaced():
+    assert all(n.startswith("diffusion_attn.raunet.") for n in HOOK_NAMES) and len(set(HOOK_NAMES)) == len(HOOK_NAMES)
+    pipe = fresh("tiny-sdxl")
+    with da.applied(pipe, "hidiffusion", apply_window_attn=False):
+        found = {h for _, m in pipe.unet.named_modules() for h in hook_names(m)}
+    assert found == set(HOOK_NAMES) | {"diffusion_attn.context"}
