@@ -111,6 +111,7 @@ def apply(pipe_or_model, method: str, **params) -> Handle:
             raise ValueError(f"{what} is already applied to this {type(m).__name__}; call remove() first")
     resolved = spec.resolve(params, _variant(pipe_or_model, families[0].name))
     context = RunContext(families[0].name, scheduler=getattr(pipe_or_model, "scheduler", None))
+    context.pipeline = None if isinstance(pipe_or_model, torch.nn.Module) else pipe_or_model
     undo: list = []
     try:
         for m, fam in zip(models, families):

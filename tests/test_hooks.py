@@ -260,11 +260,81 @@ def test_failed_undo_keeps_the_handle_active_and_can_be_retried():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Hook names
+# ControlNet / T2I-Adapter (B4): refused at apply with RAU-Net, clear error on a bare UNet
 # ---------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def controlnet_pipe(name):
+    from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline,
+                           StableDiffusionXLControlNetPipeline)
+
+    base = fresh(name)
+    torch.manual_seed(1)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
+    cls = StableDiffusionControlNetPipeline if name == "tiny-sd15" else StableDiffusionXLControlNetPipeline
+    accepted = inspect.signature(cls.__init__).parameters
+    parts = {k: v for k, v in base.components.items() if k in accepted}
+    if "requires_safety_checker" in accepted:
+        parts["requires_safety_checker"] = False
+    pipe = cls(controlnet=controlnet, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_cn(pipe, name):
+    kw = default_call_kwargs(FAMILY[name], num_inference_steps=STEPS[name], output_type="latent")
+    image = torch.rand(1, 3, kw["height"], kw["width"], generator=torch.Generator().manual_seed(2))
+    return pipe(prompt="a red fox in the snow", image=image, generator=torch.Generator().manual_seed(0), **kw)[0]
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+def test_controlnet_pipeline_is_refused_with_raunet_and_runs_without(name):
+    pipe = controlnet_pipe(name)
+    stock = generate_cn(pipe, name)
+    before = module_state(pipe.unet)
+    with pytest.raises(ValueError, match=r"does not support ControlNet pipelines.*apply_raunet=False"):
+        da.apply(pipe, "hidiffusion")
+    assert module_state(pipe.unet) == before
+    assert torch.equal(generate_cn(pipe, name), stock)
+    with da.applied(pipe, "hidiffusion", apply_raunet=False, seed=1):  # MSW-MSA alone works with ControlNet
+        out = generate_cn(pipe, name)
+    assert torch.isfinite(out).all() and not torch.allclose(out, stock, atol=1e-4)
+    assert module_state(pipe.unet) == before and torch.equal(generate_cn(pipe, name), stock)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+def test_bare_unet_with_controlnet_residuals_gets_a_clear_error(name):
+    pipe = controlnet_pipe(name)
+    stock = generate_cn(pipe, name)
+    before = module_state(pipe.unet)
+    handle = da.apply(pipe.unet, "hidiffusion", num_steps=STEPS[name])  # the pipeline is not told
+    try:
+        with pytest.raises(ValueError, match=r"RAU-Net cannot run with down_block_additional_residuals / "
+                                             r"mid_block_additional_residual .*step 0.*apply_raunet=False"):
+            generate_cn(pipe, name)
+    finally:
+        handle.remove()
+    assert module_state(pipe.unet) == before and torch.equal(generate_cn(pipe, name), stock)
+
+
 def test_hook_names_are_namespaced():
     assert all(n.startswith("diffusion_attn.raunet.") for n in HOOK_NAMES) and len(set(HOOK_NAMES)) == len(HOOK_NAMES)
     pipe = fresh("tiny-sdxl")
     with da.applied(pipe, "hidiffusion", apply_window_attn=False):
         found = {h for _, m in pipe.unet.named_modules() for h in hook_names(m)}
     assert found == set(HOOK_NAMES) | {"diffusion_attn.context"}
+
+
+def test_t2i_adapter_pipeline_is_refused_with_raunet():
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+
+    base = fresh("tiny-sd15")
+    adapter = T2IAdapter(in_channels=3, channels=[16, 32, 32, 32], num_res_blocks=1, downscale_factor=8)
+    accepted = inspect.signature(StableDiffusionAdapterPipeline.__init__).parameters
+    parts = {k: v for k, v in base.components.items() if k in accepted}
+    pipe = StableDiffusionAdapterPipeline(adapter=adapter, **{**parts, "requires_safety_checker": False})
+    before = module_state(pipe.unet)
+    with pytest.raises(ValueError, match=r"does not support T2I-Adapter pipelines.*apply_raunet=False"):
+        da.apply(pipe, "hidiffusion")
+    assert module_state(pipe.unet) == before
+    da.apply(pipe, "hidiffusion", apply_raunet=False).remove()
+    assert module_state(pipe.unet) == before

@@ -41,9 +41,10 @@ Odd sizes (never a crash, never a silent resize):
 Other deviations from the official: no class swapping (processors + named diffusers hooks,
 bit-exact ``remove()``); step-driven schedules instead of per-module call counters; the skip-size
 forcing does not use the ``num_upsamplers += 12`` hack (see :mod:`diffusion_attn.patches.raunet`). Not supported:
-ControlNet / T2I-adapter residuals while RAU-Net changes sizes (the official patches the ControlNet
-pipeline for that; a UNet given such residuals while a RAU-Net stage is on raises a clear error), and
-LoRA layers that wrap the RAD conv (peft) -- use ``apply_raunet=False`` there.
+ControlNet / T2I-Adapter pipelines with RAU-Net (their residuals have the full-resolution sizes; the
+official replaces the SDXL ControlNet pipeline's ``__call__`` for that): refused at ``apply``, and a
+bare UNet given such residuals while a RAU-Net stage is on raises a clear error; LoRA layers that wrap
+the RAD conv (peft) -- use ``apply_raunet=False`` there.
 """
 
 from __future__ import annotations
@@ -206,6 +207,23 @@ def detect_variant(unet, requested: str = "auto") -> str:
 # ------------------------------------------------------------------------------------------------------
 # Install + spec
 # ------------------------------------------------------------------------------------------------------
+def _refuse_residual_pipelines(pipe) -> None:
+    """RAU-Net changes the UNet's feature sizes in the first steps; a ControlNet or T2I-Adapter pipeline
+    adds residuals of the full-resolution sizes (diffusers would fail mid-run with a shape mismatch).
+    The official supports SDXL ControlNet only by replacing the pipeline's ``__call__`` (the ControlNet runs
+    on a downsampled input for the first 60 % of the steps, its residuals bicubic-resized into the UNet);
+    that is not done here, so such pipelines are refused at apply."""
+    if pipe is None:
+        return
+    for attr, what in (("controlnet", "ControlNet"), ("adapter", "T2I-Adapter")):
+        if getattr(pipe, attr, None) is not None:
+            raise ValueError(
+                f"hidiffusion's RAU-Net does not support {what} pipelines ({type(pipe).__name__}): the {what} "
+                "residuals have the UNet's full-resolution feature sizes, which RAU-Net changes in the first "
+                "steps; use apply_raunet=False (MSW-MSA alone works with it)"
+            )
+
+
 def _install(model, family, context, params):
     variant = detect_variant(model, params["model_variant"])
     if params["aggressive"] and variant != "sdxl":
@@ -221,6 +239,7 @@ def _install(model, family, context, params):
         problems = check_raunet_targets(model, variant)
         if problems:
             raise ValueError(f"RAU-Net ({variant}) cannot be installed on this UNet; expected: {'; '.join(problems)}")
+        _refuse_residual_pipelines(getattr(context, "pipeline", None))
     undo: list = []
     try:
         if params["apply_window_attn"]:
