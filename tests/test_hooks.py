@@ -260,16 +260,21 @@ def test_failed_undo_keeps_the_handle_active_and_can_be_retried():
 
 
 # ---------------------------------------------------------------------------------------------------
-# ControlNet / T2I-Adapter (B4): refused at apply with RAU-Net, clear error on a bare UNet
+# ControlNet (B4): SDXL text-to-image as the official (bit-exact), the rest refused with RAU-Net
 # ---------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def controlnet_pipe(name):
+def controlnet_pipe(name, official=False):
     from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline,
                            StableDiffusionXLControlNetPipeline)
 
     base = fresh(name)
     torch.manual_seed(1)
     controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
+    with torch.no_grad():  # from_unet zero-initialises the output convs: the residuals would all be 0
+        for m in list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]:
+            m.weight.normal_(0, 0.3)
+            m.bias.normal_(0, 0.1)
+        controlnet.controlnet_cond_embedding.conv_out.weight.normal_(0, 0.3)
     cls = StableDiffusionControlNetPipeline if name == "tiny-sd15" else StableDiffusionXLControlNetPipeline
     accepted = inspect.signature(cls.__init__).parameters
     parts = {k: v for k, v in base.components.items() if k in accepted}
@@ -277,21 +282,64 @@ def controlnet_pipe(name):
         parts["requires_safety_checker"] = False
     pipe = cls(controlnet=controlnet, **parts)
     pipe.set_progress_bar_config(disable=True)
+    if official:  # the official recognises its models by name or by the full-size module names
+        pipe.register_to_config(_name_or_path="stabilityai/stable-diffusion-xl-base-1.0")
     return pipe
 
 
-def generate_cn(pipe, name):
-    kw = default_call_kwargs(FAMILY[name], num_inference_steps=STEPS[name], output_type="latent")
+def generate_cn(pipe, name, steps=None, **overrides):
+    kw = default_call_kwargs(FAMILY[name], num_inference_steps=steps or STEPS[name], output_type="latent")
+    kw.update(overrides)
     image = torch.rand(1, 3, kw["height"], kw["width"], generator=torch.Generator().manual_seed(2))
-    return pipe(prompt="a red fox in the snow", image=image, generator=torch.Generator().manual_seed(0), **kw)[0]
+    # 0.8: the official ControlNet pipeline's default (diffusers': 1.0)
+    torch.manual_seed(3)  # MSW-MSA with seed=None draws its shifts from the global RNG, as the official
+    return pipe(prompt="a red fox in the snow", image=image, controlnet_conditioning_scale=0.8,
+                generator=torch.Generator().manual_seed(0), **kw)[0]
 
 
-@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
-def test_controlnet_pipeline_is_refused_with_raunet_and_runs_without(name):
+def official_hidiffusion():
+    import importlib
+    import sys
+
+    # hidiffusion 0.1.10 imports MultiControlNetModel from where diffusers < 0.30 had it
+    sys.modules.setdefault("diffusers.pipelines.controlnet.multicontrolnet",
+                           importlib.import_module("diffusers.models.controlnets.multicontrolnet"))
+    return pytest.importorskip("hidiffusion")
+
+
+@pytest.mark.parametrize("steps,window,overrides", [
+    (7, False, {}),  # aggressive: conv stage at step 0, block stage steps 1-2 (T1 0.5); ControlNet steps 0-4
+    (10, True, {}),  # + MSW-MSA (the official's torch.rand shifts)
+    (8, False, dict(guidance_scale=1.0, num_images_per_prompt=2, height=288, width=416)),  # odd sizes, batch 2
+])
+def test_sdxl_controlnet_equals_the_official(steps, window, overrides):
+    official = official_hidiffusion()
+    name = "tiny-sdxl"
+    ref_pipe = controlnet_pipe(name, official=True)
+    official.apply_hidiffusion(ref_pipe, apply_window_attn=window)
+    try:
+        expected = generate_cn(ref_pipe, name, steps, **overrides)
+    finally:
+        official.remove_hidiffusion(ref_pipe)
+    pipe = controlnet_pipe(name)
+    stock = generate_cn(pipe, name, steps, **overrides)
+    before, cn_before = module_state(pipe.unet), module_state(pipe.controlnet)
+    with da.applied(pipe, "hidiffusion", apply_window_attn=window):
+        assert hook_names(pipe.controlnet) == ["diffusion_attn.raunet.controlnet"]
+        out = generate_cn(pipe, name, steps, **overrides)
+    assert torch.equal(out, expected)
+    assert not torch.allclose(out, stock, atol=1e-3)
+    assert module_state(pipe.unet) == before and module_state(pipe.controlnet) == cn_before
+    assert torch.equal(generate_cn(pipe, name, steps, **overrides), stock)
+
+
+def test_sd15_controlnet_pipeline_is_refused_with_raunet_and_runs_without():
+    name = "tiny-sd15"
     pipe = controlnet_pipe(name)
     stock = generate_cn(pipe, name)
     before = module_state(pipe.unet)
-    with pytest.raises(ValueError, match=r"does not support ControlNet pipelines.*apply_raunet=False"):
+    with pytest.raises(ValueError, match=r"supports ControlNet only as the official does.*"
+                                         r"StableDiffusionControlNetPipeline.*apply_raunet=False"):
         da.apply(pipe, "hidiffusion")
     assert module_state(pipe.unet) == before
     assert torch.equal(generate_cn(pipe, name), stock)
@@ -299,6 +347,14 @@ def test_controlnet_pipeline_is_refused_with_raunet_and_runs_without(name):
         out = generate_cn(pipe, name)
     assert torch.isfinite(out).all() and not torch.allclose(out, stock, atol=1e-4)
     assert module_state(pipe.unet) == before and torch.equal(generate_cn(pipe, name), stock)
+
+
+def test_controlnet_guess_mode_is_refused_when_the_controlnet_would_be_skipped():
+    name = "tiny-sdxl"
+    pipe = controlnet_pipe(name)
+    with da.applied(pipe, "hidiffusion", apply_window_attn=False):
+        with pytest.raises(ValueError, match="does not support guess_mode"):
+            generate_cn(pipe, name, guess_mode=True)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
@@ -321,7 +377,8 @@ def test_hook_names_are_namespaced():
     pipe = fresh("tiny-sdxl")
     with da.applied(pipe, "hidiffusion", apply_window_attn=False):
         found = {h for _, m in pipe.unet.named_modules() for h in hook_names(m)}
-    assert found == set(HOOK_NAMES) | {"diffusion_attn.context"}
+    controlnet_only = {n for n in HOOK_NAMES if ".controlnet" in n}
+    assert len(controlnet_only) == 3 and found == set(HOOK_NAMES) - controlnet_only | {"diffusion_attn.context"}
 
 
 def test_t2i_adapter_pipeline_is_refused_with_raunet():
@@ -338,3 +395,17 @@ def test_t2i_adapter_pipeline_is_refused_with_raunet():
     assert module_state(pipe.unet) == before
     da.apply(pipe, "hidiffusion", apply_raunet=False).remove()
     assert module_state(pipe.unet) == before
+
+
+def test_remove_raunet_by_name_then_handle_remove():
+    from diffusion_attn.patches.raunet import remove_raunet
+
+    pipe = fresh("tiny-sdxl")
+    before = module_state(pipe.unet)
+    handle = da.apply(pipe, "hidiffusion", apply_window_attn=False)
+    OTHERS["offload-leaf"](pipe.unet)
+    assert remove_raunet(pipe.unet) == 1 + 2 + 2 + 2 + 1  # rad_conv, pool/unpool, 2 skip_record, 2 skip_size, residuals
+    assert not any(h.startswith("diffusion_attn.raunet.") for _, m in pipe.unet.named_modules() for h in hook_names(m))
+    handle.remove()  # finds the RAU-Net hooks gone and undoes the rest
+    assert not handle.active
+    assert all(module_state(pipe.unet)[n] == before[n] for n, m in pipe.unet.named_modules() if not hook_names(m))

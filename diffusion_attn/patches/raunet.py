@@ -29,7 +29,7 @@ sdxl-turbo     --                                          ``down_blocks.1`` / `
 Ratios (T1, T2): sd15 latent < 256 on either side (image < 2048 px) 0.4, 0; otherwise 0.7, 0.3. sdxl
 latent < 512 on either side (image < 4096 px) 0.4, 0 with aggressive mode on; otherwise 0.7, 0.3
 without it. sdxl-turbo 0.5. (The official's inpainting / Playground checkpoints switch aggressive mode
-off and its ControlNet pipeline uses T1 = 0.5: pass ``aggressive=False`` / ``t1_ratio=0.5``.)
+off: pass ``aggressive=False``. Its SDXL ControlNet mode is :class:`RAUNetConfig` ``controlnet=True``.)
 
 How this differs from the official code, on purpose:
 
@@ -60,6 +60,16 @@ How this differs from the official code, on purpose:
   scheduler's begin index; for SDXL's ``denoising_end`` (base + refiner) pass ``num_steps``.
   Aggressive mode is decided per call from the latent size (the official leaves a stale per-module flag
   on after a < 4096 px run, so its following 4096 px runs would stay aggressive).
+* **SDXL ControlNet** (``RAUNetConfig(controlnet=True)``, chosen by hidiffusion for a
+  ``StableDiffusionXLControlNetPipeline``): the official replaces the pipeline's ``__call__`` and the
+  UNet's ``forward``; here the stock pipeline runs and hooks do the same: on the ControlNet (input
+  resized to 1024 px for steps ``i < 0.6 N``, not run after), on the UNet (its residual arguments are
+  taken off the call), on the up blocks and the mid block (residuals bicubic-resized to each skip / the
+  mid output and added, as the official's UNet does), and T1 = 0.5 below 4096 px. Bit-exact with the
+  official's (tests/test_hooks.py). The official pipeline defaults ``controlnet_conditioning_scale`` to
+  0.8 where diffusers' has 1.0: pass it. ``guess_mode`` is refused once the ControlNet stops running
+  (the stock pipeline cannot take its missing residuals); img2img / inpaint ControlNet, MultiControlNet,
+  SD 1.5 ControlNet and T2I-Adapter pipelines are refused at apply (``apply_raunet=False``).
 * **Odd sizes**: as the official, ``avg_pool2d(ceil_mode=True)`` then bicubic back to the exact stored
   size, and ``Upsample2D`` always hits the skip size exactly (nearest), so any latent size runs.
 """
@@ -89,6 +99,7 @@ __all__ = [
     "check_raunet_targets",
     "HOOK_NAMES",
     "RAUNetConfig",
+    "CONTROLNET_RATIOS",
     "apply_raunet",
     "remove_raunet",
     "install_raunet",
@@ -289,7 +300,22 @@ UNPOOL_HOOK = f"{HOOK_PREFIX}.unpool"  #: on the ``unpool`` attention model: bic
 SKIP_RECORD_HOOK = f"{HOOK_PREFIX}.skip_record"  #: on every Downsample2D: records its input size
 SKIP_SIZE_HOOK = f"{HOOK_PREFIX}.skip_size"  #: on every Upsample2D: upsamples to the paired skip's size
 RESIDUALS_HOOK = f"{HOOK_PREFIX}.residuals"  #: on the UNet: notes ControlNet / adapter residuals of a call
-HOOK_NAMES = (RAD_CONV_HOOK, POOL_HOOK, UNPOOL_HOOK, SKIP_RECORD_HOOK, SKIP_SIZE_HOOK, RESIDUALS_HOOK)
+#: ControlNet mode: on the ControlNet (downsampled input, first 60 % of the steps), on the up blocks and the
+#: mid block (the ControlNet residuals, bicubic-resized to the UNet's sizes, added to the skips / mid output)
+CONTROLNET_HOOK = f"{HOOK_PREFIX}.controlnet"
+CN_SKIP_HOOK = f"{HOOK_PREFIX}.controlnet_skip"
+CN_MID_HOOK = f"{HOOK_PREFIX}.controlnet_mid"
+HOOK_NAMES = (RAD_CONV_HOOK, POOL_HOOK, UNPOOL_HOOK, SKIP_RECORD_HOOK, SKIP_SIZE_HOOK, RESIDUALS_HOOK,
+              CONTROLNET_HOOK, CN_SKIP_HOOK, CN_MID_HOOK)
+
+#: official ``text_to_img_controlnet_switching_threshold_ratio_dict['sdxl_2048']`` (SDXL latent < 512 on
+#: either side; at and above it the ControlNet mode keeps ``sdxl_4096``) and ``controlnet_apply_steps_rate``
+CONTROLNET_RATIOS = (0.5, 0.0)
+CONTROLNET_STEPS_RATE = 0.6
+#: official: the ControlNet runs on the latent resized so that its longer side is 128 (1024 px) ...
+CONTROLNET_LATENT = (128, 128)
+#: ... and on the control image resized to that size times the VAE factor (hard-coded 8)
+CONTROLNET_VAE_FACTOR = 8
 
 #: UNet2DConditionModel.forward arguments that add residuals of the full-resolution feature sizes
 #: (ControlNet, T2I-Adapter), with their positions
@@ -304,6 +330,9 @@ class RAUNetConfig:
     ``variant``: ``sd15`` (also 2.1), ``sdxl`` or ``sdxl-turbo``. ``t1_ratio`` / ``t2_ratio`` /
     ``aggressive``: None = the official value for the variant and latent size (:func:`raunet_schedule`).
     ``num_steps``: steps of a run; None = from the pipeline's scheduler (:func:`run_length`).
+    ``controlnet``: the official's SDXL ControlNet text-to-image mode (:func:`apply_raunet` with the
+    ControlNet model): below 4096 px T1 = 0.5; the ControlNet runs on an input resized to 1024 px for the
+    first 60 % of the steps, not after; its residuals are bicubic-resized to the UNet's feature sizes.
     """
 
     variant: str
@@ -311,8 +340,11 @@ class RAUNetConfig:
     t2_ratio: float | None = None
     aggressive: bool | None = None
     num_steps: int | None = None
+    controlnet: bool = False
 
     def __post_init__(self):
+        if self.controlnet and self.variant != "sdxl":
+            raise ValueError(f"RAU-Net's ControlNet mode is the official's SDXL text-to-image mode; not {self.variant!r}")
         if self.variant not in RAUNET_TARGETS:
             raise ValueError(f"unknown HiDiffusion model variant {self.variant!r}; accepted: {', '.join(VARIANTS)}")
 
@@ -327,13 +359,19 @@ class RAUNetState:
         self.pool_size: tuple[int, int] | None = None  # size before the avg-pool, while the block stage is on
         self.steps: dict = {}  # run_length cache
         self.residuals: tuple[str, ...] = ()  # residual arguments given to the current UNet call
+        self.cn_down: tuple | None = None  # ControlNet mode: the current call's residuals, taken off the UNet call
+        self.cn_mid: torch.Tensor | None = None
 
     def schedule(self) -> RAUNetSchedule:
         if self.context.latent_size is None:
             raise RuntimeError("RAU-Net module called outside a UNet forward pass (no latent size known)")
         cfg = self.config
         n = run_length(self.context, cfg.num_steps, self.steps)
-        return raunet_schedule(cfg.variant, self.context.latent_size, n, cfg.t1_ratio, cfg.t2_ratio, cfg.aggressive)
+        t1, t2 = cfg.t1_ratio, cfg.t2_ratio
+        if cfg.controlnet and official_ratios(cfg.variant, self.context.latent_size)[0] == "sdxl_2048":
+            t1 = CONTROLNET_RATIOS[0] if t1 is None else t1
+            t2 = CONTROLNET_RATIOS[1] if t2 is None else t2
+        return raunet_schedule(cfg.variant, self.context.latent_size, n, t1, t2, cfg.aggressive)
 
     def conv_on(self) -> bool:
         return self._checked(self.schedule().conv_on(self.context.step))
@@ -467,21 +505,117 @@ class ResidualsHook(ModelHook):
         self.state = state
 
     def pre_forward(self, module, *args, **kwargs):
-        self.state.residuals = tuple(name for i, name in _RESIDUAL_ARGS
-                                     if (args[i] if len(args) > i else kwargs.get(name)) is not None)
+        state = self.state
+        state.residuals = tuple(name for i, name in _RESIDUAL_ARGS
+                                if (args[i] if len(args) > i else kwargs.get(name)) is not None)
+        state.cn_down = state.cn_mid = None
+        if state.config.controlnet and len(args) <= 8:
+            # ControlNet mode: the residuals are added here, resized (ControlNetSkipHook / ControlNetMidHook)
+            down, mid = kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")
+            if down is not None and mid is not None:
+                state.cn_down, state.cn_mid = tuple(down), mid
+                kwargs = {**kwargs, "down_block_additional_residuals": None, "mid_block_additional_residual": None}
+                state.residuals = tuple(n for n in state.residuals if n not in
+                                        ("down_block_additional_residuals", "mid_block_additional_residual"))
         return args, kwargs
+
+    def post_forward(self, module, output):
+        self.state.cn_down = self.state.cn_mid = None
+        return output
+
+
+class ControlNetHook(ModelHook):
+    """ControlNet mode, on the ControlNet model (the official's SDXL ControlNet pipeline): for steps
+    ``i < 0.6 N`` it runs on the latent resized (nearest) so that its longer side is 128 (sides floored to
+    multiples of 8) and on the control image resized to 8x that; from then on it does not run and returns
+    no residuals (the UNet then runs without them, as the official's)."""
+
+    def __init__(self, state: RAUNetState):
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module, sample, timestep, *args, **kwargs):
+        state = self.state
+        n = run_length(state.context, state.config.num_steps, state.steps)
+        timesteps = state.context.scheduler.timesteps
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        hits = (timesteps.float() == t).nonzero().flatten().tolist() if torch.is_tensor(timesteps) else []
+        if not hits:
+            raise RuntimeError(f"RAU-Net's ControlNet mode: timestep {t} is not in the scheduler's timesteps")
+        begin = getattr(state.context.scheduler, "begin_index", None) or 0
+        step = hits[0] - begin
+        if step < CONTROLNET_STEPS_RATE * n:
+            h, w = sample.shape[-2:]
+            factor = max(h / CONTROLNET_LATENT[0], w / CONTROLNET_LATENT[1])
+            size = (int(h // factor) // 8 * 8, int(w // factor) // 8 * 8)
+            pixel = [size[0] * CONTROLNET_VAE_FACTOR, size[1] * CONTROLNET_VAE_FACTOR]
+            sample = F.interpolate(sample, size)
+            if "controlnet_cond" in kwargs:
+                kwargs["controlnet_cond"] = F.interpolate(kwargs["controlnet_cond"], pixel)
+            else:
+                args = (args[0], F.interpolate(args[1], pixel)) + tuple(args[2:])
+            return self.fn_ref.original_forward(sample, timestep, *args, **kwargs)
+        if kwargs.get("guess_mode"):
+            raise ValueError("hidiffusion's RAU-Net ControlNet mode (the official's) does not support guess_mode; "
+                             "use guess_mode=False or apply_raunet=False")
+        return (None, None) if not kwargs.get("return_dict", True) else _controlnet_output(None, None)
+
+
+def _controlnet_output(down, mid):
+    from diffusers.models.controlnets.controlnet import ControlNetOutput
+
+    return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
+
+
+def _resized_sum(base: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The official's ``base + F.interpolate(residual, base's size, mode='bicubic')``."""
+    return base + F.interpolate(residual, tuple(base.shape[-2:]), mode="bicubic")
+
+
+class ControlNetSkipHook(ModelHook):
+    """ControlNet mode, on up block ``index``: adds the ControlNet residuals of the skips it consumes,
+    bicubic-resized to each skip's size (the official's UNet adds them to ``down_block_res_samples``,
+    which only the up blocks read)."""
+
+    def __init__(self, state: RAUNetState, start: int, stop: int):
+        super().__init__()
+        self.state, self.start, self.stop = state, start, stop
+
+    def pre_forward(self, module, *args, **kwargs):
+        residuals = self.state.cn_down
+        if residuals is None:
+            return args, kwargs
+        skips = kwargs["res_hidden_states_tuple"]
+        mine = residuals[self.start:self.stop]
+        kwargs = {**kwargs, "res_hidden_states_tuple": tuple(_resized_sum(s, r) for s, r in zip(skips, mine))}
+        return args, kwargs
+
+
+class ControlNetMidHook(ModelHook):
+    """ControlNet mode, on the mid block: adds the ControlNet mid residual, bicubic-resized."""
+
+    def __init__(self, state: RAUNetState):
+        super().__init__()
+        self.state = state
+
+    def post_forward(self, module, output):
+        mid = self.state.cn_mid
+        return output if mid is None else _resized_sum(output, mid)
 
 
 # ------------------------------------------------------------------------------------------------------
 # Apply / remove
 # ------------------------------------------------------------------------------------------------------
-def apply_raunet(unet: torch.nn.Module, config: RAUNetConfig, context) -> list[Callable[[], None]]:
+def apply_raunet(unet: torch.nn.Module, config: RAUNetConfig, context,
+                 controlnet: torch.nn.Module | None = None) -> list[Callable[[], None]]:
     """Register RAU-Net's named diffusers hooks on ``unet`` (an SD 1.5/2.1- or SDXL-shaped
     UNet2DConditionModel) for ``config.variant``; returns the undo callables (run them in reverse order).
 
     Hooks (:data:`HOOK_NAMES`): ``rad_conv`` on the RAD conv, ``pool`` / ``unpool`` on the block variant's
     attention models, ``skip_record`` on every Downsample2D, ``skip_size`` on every Upsample2D,
-    ``residuals`` on the UNet. Each undo removes one hook by name through the module's registry, which
+    ``residuals`` on the UNet; in ControlNet mode (``config.controlnet``, ``controlnet`` = the pipeline's
+    ControlNetModel) also ``controlnet`` on it and ``controlnet_skip`` / ``controlnet_mid`` on the up
+    blocks and the mid block. Each undo removes one hook by name through the module's registry, which
     works whatever hooks were registered on the module before or after, and leaves the module's
     ``__dict__`` as it was (:mod:`diffusion_attn.patches.hooks`). Decisions read ``context.step`` and
     ``context.latent_size`` (the run context of ``diffusion_attn``) and :func:`run_length`.
@@ -492,6 +626,10 @@ def apply_raunet(unet: torch.nn.Module, config: RAUNetConfig, context) -> list[C
     problems = check_raunet_targets(unet, variant)
     if problems:
         raise ValueError(f"RAU-Net ({variant}) cannot be installed; expected: {'; '.join(problems)}")
+    if config.controlnet and controlnet is None:
+        raise ValueError("RAU-Net's ControlNet mode needs the pipeline's ControlNetModel (controlnet=...)")
+    if config.controlnet and getattr(getattr(context, "scheduler", None), "timesteps", None) is None:
+        raise ValueError("RAU-Net's ControlNet mode needs the pipeline's scheduler (apply it to the pipeline)")
     targets = RAUNET_TARGETS[variant]
     state = RAUNetState(config, context)
     undo: list = [lambda: clear_child_registry_caches(unet)]  # runs last
@@ -508,6 +646,14 @@ def apply_raunet(unet: torch.nn.Module, config: RAUNetConfig, context) -> list[C
             if getattr(block, "upsamplers", None):
                 undo.append(register_hook(block.upsamplers[0], SkipSizeHook(state, n - 2 - i), SKIP_SIZE_HOOK))
         undo.append(register_hook(unet, ResidualsHook(state), RESIDUALS_HOOK))
+        if config.controlnet:
+            undo.append(register_hook(controlnet, ControlNetHook(state), CONTROLNET_HOOK))
+            stop = 1 + sum(len(b.resnets) + bool(getattr(b, "downsamplers", None)) for b in unet.down_blocks)
+            for block in unet.up_blocks:
+                start = stop - len(block.resnets)
+                undo.append(register_hook(block, ControlNetSkipHook(state, start, stop), CN_SKIP_HOOK))
+                stop = start
+            undo.append(register_hook(unet.mid_block, ControlNetMidHook(state), CN_MID_HOOK))
     except BaseException:
         for fn in reversed(undo):
             fn()
@@ -516,10 +662,12 @@ def apply_raunet(unet: torch.nn.Module, config: RAUNetConfig, context) -> list[C
     return undo
 
 
-def remove_raunet(unet: torch.nn.Module) -> int:
-    """Remove every RAU-Net hook from ``unet`` by name (whatever else is registered); returns how many."""
+def remove_raunet(unet: torch.nn.Module, controlnet: torch.nn.Module | None = None) -> int:
+    """Remove every RAU-Net hook from ``unet`` (and ``controlnet``, ControlNet mode) by name, whatever else
+    is registered; returns how many."""
     removed = 0
-    for _, module in unet.named_modules():
+    modules = list(unet.modules()) + (list(controlnet.modules()) if controlnet is not None else [])
+    for module in modules:
         for name in HOOK_NAMES:
             removed += remove_hook(module, name)
     clear_child_registry_caches(unet)

@@ -41,10 +41,10 @@ Odd sizes (never a crash, never a silent resize):
 Other deviations from the official: no class swapping (processors + named diffusers hooks,
 bit-exact ``remove()``); step-driven schedules instead of per-module call counters; the skip-size
 forcing does not use the ``num_upsamplers += 12`` hack (see :mod:`diffusion_attn.patches.raunet`). Not supported:
-ControlNet / T2I-Adapter pipelines with RAU-Net (their residuals have the full-resolution sizes; the
-official replaces the SDXL ControlNet pipeline's ``__call__`` for that): refused at ``apply``, and a
-bare UNet given such residuals while a RAU-Net stage is on raises a clear error; LoRA layers that wrap
-the RAD conv (peft) -- use ``apply_raunet=False`` there.
+ControlNet other than SDXL text-to-image (``StableDiffusionXLControlNetPipeline``, which RAU-Net supports
+bit-exactly as the official, see :mod:`diffusion_attn.patches.raunet`) and T2I-Adapter pipelines with
+RAU-Net: refused at ``apply``; a bare UNet given such residuals while a RAU-Net stage is on raises a
+clear error. LoRA layers that wrap the RAD conv (peft) -- use ``apply_raunet=False`` there.
 """
 
 from __future__ import annotations
@@ -207,21 +207,32 @@ def detect_variant(unet, requested: str = "auto") -> str:
 # ------------------------------------------------------------------------------------------------------
 # Install + spec
 # ------------------------------------------------------------------------------------------------------
-def _refuse_residual_pipelines(pipe) -> None:
-    """RAU-Net changes the UNet's feature sizes in the first steps; a ControlNet or T2I-Adapter pipeline
-    adds residuals of the full-resolution sizes (diffusers would fail mid-run with a shape mismatch).
-    The official supports SDXL ControlNet only by replacing the pipeline's ``__call__`` (the ControlNet runs
-    on a downsampled input for the first 60 % of the steps, its residuals bicubic-resized into the UNet);
-    that is not done here, so such pipelines are refused at apply."""
+def _controlnet_mode(pipe, variant: str):
+    """The ControlNet model when ``pipe`` is a ControlNet pipeline that RAU-Net supports (the official's
+    SDXL ControlNet text-to-image: ``StableDiffusionXLControlNetPipeline`` with one ``ControlNetModel``),
+    None for a pipeline without ControlNet / T2I-Adapter; any other such pipeline is refused: its residuals
+    have the UNet's full-resolution feature sizes, which RAU-Net changes in the first steps."""
     if pipe is None:
-        return
-    for attr, what in (("controlnet", "ControlNet"), ("adapter", "T2I-Adapter")):
-        if getattr(pipe, attr, None) is not None:
-            raise ValueError(
-                f"hidiffusion's RAU-Net does not support {what} pipelines ({type(pipe).__name__}): the {what} "
-                "residuals have the UNet's full-resolution feature sizes, which RAU-Net changes in the first "
-                "steps; use apply_raunet=False (MSW-MSA alone works with it)"
-            )
+        return None
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None:
+        from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+        if type(pipe) is StableDiffusionXLControlNetPipeline and type(controlnet) is ControlNetModel and variant == "sdxl":
+            return controlnet
+        raise ValueError(
+            f"hidiffusion's RAU-Net supports ControlNet only as the official does, in StableDiffusionXLControlNetPipeline "
+            f"(SDXL text-to-image) with one ControlNetModel; got {type(pipe).__name__} with {type(controlnet).__name__} "
+            f"({variant}), whose residuals have the UNet's full-resolution feature sizes, which RAU-Net changes in the "
+            "first steps; use apply_raunet=False (MSW-MSA alone works with it)"
+        )
+    if getattr(pipe, "adapter", None) is not None:
+        raise ValueError(
+            f"hidiffusion's RAU-Net does not support T2I-Adapter pipelines ({type(pipe).__name__}): the adapter "
+            "residuals have the UNet's full-resolution feature sizes, which RAU-Net changes in the first steps; "
+            "use apply_raunet=False (MSW-MSA alone works with it)"
+        )
+    return None
 
 
 def _install(model, family, context, params):
@@ -239,7 +250,7 @@ def _install(model, family, context, params):
         problems = check_raunet_targets(model, variant)
         if problems:
             raise ValueError(f"RAU-Net ({variant}) cannot be installed on this UNet; expected: {'; '.join(problems)}")
-        _refuse_residual_pipelines(getattr(context, "pipeline", None))
+        controlnet = _controlnet_mode(getattr(context, "pipeline", None), variant)
     undo: list = []
     try:
         if params["apply_window_attn"]:
@@ -252,8 +263,9 @@ def _install(model, family, context, params):
             undo.extend(install_processors(model, family, context, make, layers=layers))
         if params["apply_raunet"]:
             config = RAUNetConfig(variant, t1_ratio=params["t1_ratio"], t2_ratio=params["t2_ratio"],
-                                  aggressive=params["aggressive"], num_steps=params["num_steps"])
-            undo.extend(apply_raunet(model, config, context))
+                                  aggressive=params["aggressive"], num_steps=params["num_steps"],
+                                  controlnet=controlnet is not None)
+            undo.extend(apply_raunet(model, config, context, controlnet=controlnet))
     except BaseException:
         for fn in reversed(undo):
             fn()
