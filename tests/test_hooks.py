@@ -68,7 +68,13 @@ def test_register_then_remove_restores_the_module_dict(ours):
     undo()
     assert ids(lin) == before  # no registry, no instance forward left behind
     assert torch.equal(lin(x), base)
-    undo()  # a second undo finds nothing to do
+    undo()  # a second undo finds nothing to do ...
+    assert ids(lin) == before
+    again = AddHook(5.0)
+    register_hook(lin, again, "diffusion_attn.test")
+    undo()  # ... and leaves a later registration under the same name alone
+    assert hook_names(lin) == ["diffusion_attn.test"] and torch.equal(lin(x), base + 5.0)
+    remove_hook(lin, "diffusion_attn.test")
     assert ids(lin) == before
 
 

@@ -50,16 +50,17 @@ def register_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> Callab
         if created and not registry.hooks:
             module.__dict__.pop("_diffusers_hook", None)
         raise
-    return lambda: remove_hook(module, name)
+    return lambda: remove_hook(module, name, only=hook)
 
 
-def remove_hook(module: torch.nn.Module, name: str) -> bool:
+def remove_hook(module: torch.nn.Module, name: str, only: ModelHook | None = None) -> bool:
     """Remove the hook ``name`` from ``module`` through its registry (whatever was registered before or
     after it). When it was the last hook, also drop the registry and the instance ``forward`` if
-    registering created them. Returns whether a hook was removed (absent: nothing to do)."""
+    registering created them. ``only``: remove it only if it is this hook object (an undo must not remove
+    a later registration under the same name). Returns whether a hook was removed (absent: nothing to do)."""
     registry = getattr(module, "_diffusers_hook", None)
     hook = registry.get_hook(name) if registry is not None else None
-    if hook is None:
+    if hook is None or (only is not None and hook is not only):
         return False
     _remove_relinked(registry, name, hook)
     if not registry.hooks:
