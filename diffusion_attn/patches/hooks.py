@@ -38,7 +38,8 @@ def register_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> Callab
     """
     registry = getattr(module, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(name) is not None:
-        raise RuntimeError(f"a hook named {name!r} is already registered on this {type(module).__name__}; remove it first")
+        raise RuntimeError(
+            f"a hook named {name!r} is already registered on this {type(module).__name__}; remove it first")
     created = registry is None
     had_forward = "forward" in module.__dict__
     registry = HookRegistry.check_if_exists_or_initialize(module)

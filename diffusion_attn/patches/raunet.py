@@ -344,7 +344,8 @@ class RAUNetConfig:
 
     def __post_init__(self):
         if self.controlnet and self.variant != "sdxl":
-            raise ValueError(f"RAU-Net's ControlNet mode is the official's SDXL text-to-image mode; not {self.variant!r}")
+            raise ValueError(
+                f"RAU-Net's ControlNet mode is the official's SDXL text-to-image mode; not {self.variant!r}")
         if self.variant not in RAUNET_TARGETS:
             raise ValueError(f"unknown HiDiffusion model variant {self.variant!r}; accepted: {', '.join(VARIANTS)}")
 

@@ -218,13 +218,15 @@ def _controlnet_mode(pipe, variant: str):
     if controlnet is not None:
         from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
-        if type(pipe) is StableDiffusionXLControlNetPipeline and type(controlnet) is ControlNetModel and variant == "sdxl":
+        supported = type(pipe) is StableDiffusionXLControlNetPipeline and type(controlnet) is ControlNetModel
+        if supported and variant == "sdxl":
             return controlnet
         raise ValueError(
-            f"hidiffusion's RAU-Net supports ControlNet only as the official does, in StableDiffusionXLControlNetPipeline "
-            f"(SDXL text-to-image) with one ControlNetModel; got {type(pipe).__name__} with {type(controlnet).__name__} "
-            f"({variant}), whose residuals have the UNet's full-resolution feature sizes, which RAU-Net changes in the "
-            "first steps; use apply_raunet=False (MSW-MSA alone works with it)"
+            "hidiffusion's RAU-Net supports ControlNet only as the official does, in "
+            "StableDiffusionXLControlNetPipeline (SDXL text-to-image) with one ControlNetModel; got "
+            f"{type(pipe).__name__} with {type(controlnet).__name__} ({variant}), whose residuals have the UNet's "
+            "full-resolution feature sizes, which RAU-Net changes in the first steps; use apply_raunet=False "
+            "(MSW-MSA alone works with it)"
         )
     if getattr(pipe, "adapter", None) is not None:
         raise ValueError(
