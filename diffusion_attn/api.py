@@ -36,10 +36,17 @@ class Handle:
         return self._undo is not None
 
     def remove(self) -> None:
+        """Undo everything. If an undo step fails, the others still run, the handle stays active holding
+        the failed steps (``remove()`` again retries them) and the first error is raised."""
         if self._undo is None:
             return
-        undo, self._undo = self._undo, None
-        _run_undo(undo)
+        failed = _run_undo(self._undo)
+        if failed:
+            self._undo = [fn for fn, _ in failed]
+            raise RuntimeError(
+                f"{self.method}: {len(failed)} undo step(s) failed, the handle stays active with them: {failed[-1][1]}"
+            ) from failed[-1][1]
+        self._undo = None
         for m in self.models:
             if getattr(m, _HANDLE_ATTR, None) is self:
                 delattr(m, _HANDLE_ATTR)
@@ -55,15 +62,16 @@ class Handle:
         return f"Handle({self.method!r}, {self.params}, {state})"
 
 
-def _run_undo(undo: list) -> None:
-    errors = []
+def _run_undo(undo: list) -> list:
+    """Run the undo steps in reverse order, all of them; returns the failed ones as ``(fn, error)`` in
+    their original order (the last one is the first that failed)."""
+    failed = []
     for fn in reversed(undo):
         try:
             fn()
         except Exception as e:  # keep undoing the rest, then report
-            errors.append(e)
-    if errors:
-        raise errors[0]
+            failed.append((fn, e))
+    return failed[::-1]
 
 
 def denoisers(pipe_or_model) -> list[torch.nn.Module]:
@@ -141,7 +149,9 @@ def apply(pipe_or_model, method, **params) -> Handle:
             undo.append(lambda m=m: detach_context(m))
             undo.extend(spec.install(m, fam, context, config))
     except BaseException:
-        _run_undo(undo)
+        failed = _run_undo(undo)
+        if failed:
+            raise failed[-1][1]
         raise
     handle = Handle(spec.name, resolved, context, models, undo)
     handle.config = config

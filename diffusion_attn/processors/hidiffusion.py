@@ -38,11 +38,13 @@ Odd sizes (never a crash, never a silent resize):
 * RAU-Net: as the official, ``avg_pool2d(ceil_mode=True)`` and bicubic back to the stored size, and every
   ``Upsample2D`` hits its skip connection's size, whatever the latent size.
 
-Other deviations from the official: no class swapping (processors + removable hooks, bit-exact
-``remove()``); step-driven schedules instead of per-module call counters; the skip-size forcing does
-not use the ``num_upsamplers += 12`` hack (see :mod:`diffusion_attn.patches.raunet`). Not supported:
-ControlNet / T2I-adapter residuals while RAU-Net changes sizes (the official patches the ControlNet
-pipeline for that), and LoRA layers that wrap the RAD conv (peft) -- use ``apply_raunet=False`` there.
+Other deviations from the official: no class swapping (processors + named diffusers hooks,
+bit-exact ``remove()``); step-driven schedules instead of per-module call counters; the skip-size
+forcing does not use the ``num_upsamplers += 12`` hack (see :mod:`diffusion_attn.patches.raunet`). Not supported:
+ControlNet other than SDXL text-to-image (``StableDiffusionXLControlNetPipeline``, which RAU-Net supports
+bit-exactly as the official, see :mod:`diffusion_attn.patches.raunet`) and T2I-Adapter pipelines with
+RAU-Net: refused at ``apply``; a bare UNet given such residuals while a RAU-Net stage is on raises a
+clear error. LoRA layers that wrap the RAD conv (peft) -- use ``apply_raunet=False`` there.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import hashlib
 import torch
 
 from ..layout import TokenLayout
-from ..patches.raunet import check_raunet_targets, install_raunet
+from ..patches.raunet import RAUNetConfig, apply_raunet, check_raunet_targets
 from ..patterns import shifted_window_pattern
 from ..registry import MethodConfig, MethodSpec, method_config, param, register
 from .base import PatternProcessor
@@ -205,6 +207,36 @@ def detect_variant(unet, requested: str = "auto") -> str:
 # ------------------------------------------------------------------------------------------------------
 # Install + spec
 # ------------------------------------------------------------------------------------------------------
+def _controlnet_mode(pipe, variant: str):
+    """The ControlNet model when ``pipe`` is a ControlNet pipeline that RAU-Net supports (the official's
+    SDXL ControlNet text-to-image: ``StableDiffusionXLControlNetPipeline`` with one ``ControlNetModel``),
+    None for a pipeline without ControlNet / T2I-Adapter; any other such pipeline is refused: its residuals
+    have the UNet's full-resolution feature sizes, which RAU-Net changes in the first steps."""
+    if pipe is None:
+        return None
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None:
+        from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+        supported = type(pipe) is StableDiffusionXLControlNetPipeline and type(controlnet) is ControlNetModel
+        if supported and variant == "sdxl":
+            return controlnet
+        raise ValueError(
+            "hidiffusion's RAU-Net supports ControlNet only as the official does, in "
+            "StableDiffusionXLControlNetPipeline (SDXL text-to-image) with one ControlNetModel; got "
+            f"{type(pipe).__name__} with {type(controlnet).__name__} ({variant}), whose residuals have the UNet's "
+            "full-resolution feature sizes, which RAU-Net changes in the first steps; use apply_raunet=False "
+            "(MSW-MSA alone works with it)"
+        )
+    if getattr(pipe, "adapter", None) is not None:
+        raise ValueError(
+            f"hidiffusion's RAU-Net does not support T2I-Adapter pipelines ({type(pipe).__name__}): the adapter "
+            "residuals have the UNet's full-resolution feature sizes, which RAU-Net changes in the first steps; "
+            "use apply_raunet=False (MSW-MSA alone works with it)"
+        )
+    return None
+
+
 def _install(model, family, context, params: "HiDiffusionConfig"):
     variant = detect_variant(model, params["model_variant"])
     if params["aggressive"] and variant != "sdxl":
@@ -220,6 +252,7 @@ def _install(model, family, context, params: "HiDiffusionConfig"):
         problems = check_raunet_targets(model, variant)
         if problems:
             raise ValueError(f"RAU-Net ({variant}) cannot be installed on this UNet; expected: {'; '.join(problems)}")
+        controlnet = _controlnet_mode(getattr(context, "pipeline", None), variant)
     undo: list = []
     try:
         if params["apply_window_attn"]:
@@ -231,9 +264,10 @@ def _install(model, family, context, params: "HiDiffusionConfig"):
 
             undo.extend(install_processors(model, family, context, make, layers=layers))
         if params["apply_raunet"]:
-            undo.extend(install_raunet(model, variant, context, t1_ratio=params["t1_ratio"],
-                                       t2_ratio=params["t2_ratio"], aggressive=params["aggressive"],
-                                       num_steps=params["num_steps"]))
+            config = RAUNetConfig(variant, t1_ratio=params["t1_ratio"], t2_ratio=params["t2_ratio"],
+                                  aggressive=params["aggressive"], num_steps=params["num_steps"],
+                                  controlnet=controlnet is not None)
+            undo.extend(apply_raunet(model, config, context, controlnet=controlnet))
     except BaseException:
         for fn in reversed(undo):
             fn()
