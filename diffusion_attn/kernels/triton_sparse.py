@@ -51,6 +51,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from ..layout import TokenLayout
+from .backend import Backend
+from .capabilities import grid_pattern_of
 from .flex import block_occupancy, sequence_mask_mod
 
 __all__ = [
@@ -663,3 +665,34 @@ def triton_pattern_attention(
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the backend declaration (timing: benchmarks/bench_triton.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _available(device_type: str):
+    if triton_available(device_type):
+        return None
+    return (f"backend='triton' needs triton (pip install \"diffusion-attn[kernels]\") and a CUDA device, "
+            f"got {device_type}")
+
+
+def _prepare(request):
+    pattern = grid_pattern_of(request.pattern) or request.pattern
+    occupancy = block_occupancy(pattern, request.layout)
+    return build_triton_layout(pattern, request.layout, occupancy=occupancy, device=request.device)
+
+
+def _run(q, k, v, request, prepared, key_padding_mask, scale):
+    tl_layout = prepared if prepared is not None else _prepare(request)
+    return triton_pattern_attention(q, k, v, tl_layout, request.layout, key_padding_mask, scale)
+
+
+BACKEND = Backend(
+    "triton", "the Triton block-sparse kernel (CUDA; opt-in until validated and timed on a GPU; forward only)",
+    _run, handles=frozenset({"dynamic"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), head_dims=(MIN_HEAD_DIM, MAX_HEAD_DIM),
+    value_dim=False, autograd=False, available=_available, prepare=_prepare,
+)
