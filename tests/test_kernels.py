@@ -5,7 +5,9 @@ import random
 import pytest
 import torch
 
-from diffusion_attn import TokenLayout
+from diffusion_attn import TokenLayout, kernels
+from diffusion_attn.kernels import registry
+from diffusion_attn.kernels.backend import Request
 from diffusion_attn.kernels import build_schedule, choose_backend, full_mask, masked_attention, pattern_attention, sdpa
 from diffusion_attn.patterns import neighborhood_pattern, radial_pattern, shifted_window_pattern
 
@@ -117,10 +119,6 @@ def test_low_precision_close_to_reference():
 
 
 # -- the backend registry ------------------------------------------------------------------------------
-
-from diffusion_attn import kernels  # noqa: E402
-from diffusion_attn.kernels import registry  # noqa: E402
-from diffusion_attn.kernels.backend import Request  # noqa: E402
 
 
 class CircularWindow:
@@ -263,6 +261,12 @@ def test_auto_skips_backends_without_backward(monkeypatch):
         registry.resolve(req, "strips")
     with torch.no_grad():
         assert registry.resolve(Request.make(pattern, layout, q=q, k=k, v=v)).name == "strips"
+    # FlexAttention has no CPU backward: a long radial call under autograd goes to gather instead
+    monkeypatch.setattr("diffusion_attn.kernels.flex.flex_available", lambda device_type="cpu": True)
+    radial, big = radial_pattern((8, 32, 40), 0.2, True), TokenLayout((8, 32, 40))
+    assert kernels.choose_backend(radial, big) == "flex"
+    x = torch.empty(1, big.num_tokens, 1, 8, requires_grad=True)
+    assert registry.resolve(Request.make(radial, big, q=x, k=x, v=x)).name == "gather"
 
 
 def test_check_backend_without_a_layout():
@@ -366,25 +370,35 @@ def test_value_head_size_differs(name):
     out = pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=name)
     assert out.shape == v.shape
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-5)
+    bare = TokenLayout(layout.grid)  # no text: the grid kernels' paths without extra keys
+    n = bare.num_tokens
+    q, k, v = q[:, :n], k[:, :n], v[:, :n]
+    out = pattern_attention(q, k, v, pattern, bare, backend=name)
+    torch.testing.assert_close(out, reference_sdpa(q, k, v, pattern.dense_mask()), atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("name", [n for n in kernels.BACKENDS if n != "auto"])
-def test_gradients_equal_reference(name):
-    """Every backend that declares a backward: q, k, v gradients equal the reference's (fp32)."""
+def test_gradients_equal_reference(name, device):
+    """Every backend that declares a backward: q, k, v gradients equal the reference's (fp32), on every
+    device it runs on here. A backend whose backward is missing on a device refuses inputs that require
+    grad there (``supports``), so ``auto`` skips it."""
     backend = kernels.get_backend(name)
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     if not backend.autograd:
         pytest.skip(f"backend={name!r} declares no backward (auto never picks it under autograd)")
-    if name not in cpu_backends():
-        pytest.skip(f"backend={name!r} does not run on CPU here")
+    if backend.environment_reason(device) is not None:
+        pytest.skip(f"backend={name!r} does not run on {device} here")
     pattern, layout = b7_case(name)
-    if name in ("flex", "natten"):  # FlexAttention (NATTEN's CPU path too) has no CPU backward: refused up front
-        q = qkv(layout, batch=1, dim=32)[0].requires_grad_()
-        req = Request.make(pattern, layout, q=q, k=q, v=q)
-        assert "no backward on CPU" in kernels.get_backend(name).supports(req)
-        pytest.skip(f"backend={name!r} has no backward on CPU (checked on GPU only)")
-    q, k, v = qkv(layout, batch=1, heads=2, dim=16, seed=11)
-    weights = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-    mask = full_mask(pattern.dense_mask(), layout)
+    q, k, v = (t.to(device) for t in qkv(layout, batch=1, heads=2, dim=32, seed=11))
+    reason = backend.supports(Request.make(pattern, layout, q=q.requires_grad_(), k=k, v=v))
+    q.requires_grad_(False)
+    if reason is not None:
+        assert device == "cpu" and name in ("flex", "natten") and "no backward on CPU" in reason, reason
+        pytest.skip(reason)
+    weights = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    mask = full_mask(pattern.dense_mask(), layout).to(device)
 
     def grads(fn):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -13,6 +13,10 @@ A pattern tells the kernels what it can offer through *capabilities* (names, see
 * ``"head_dependent"`` / ``"batch_dependent"``: the predicate reads ``h`` / ``b``;
 * ``"dynamic"``: the pattern is chosen per call (from q and k), so nothing built from it is cached.
 
+Contract of ``"box"`` / ``"block"``: the kernels that use them compute the grid form with text rows and
+columns dense (every grid query sees every unpadded text key; text queries see everything), so a
+pattern declares them only when its whole-sequence mask is exactly that.
+
 The pattern protocol (``diffusion_attn.patterns``) is being opened up: patterns will declare
 ``capabilities`` themselves and expose their box / block form as ``.grid_pattern``. Until then this
 module derives both from today's classes; it is the only place in ``kernels/`` that looks at pattern
