@@ -2,25 +2,34 @@
 
     import diffusion_attn as da
     handle = da.apply(pipe, "radial")          # or "gna", "hidiffusion"
+    handle = da.apply(pipe, da.RadialConfig(decay_factor=0.2))   # the same, typed
     video = pipe(prompt).frames
     handle.remove()                            # bit-exact restore
 """
 
+from . import ops
 from .api import Handle, apply, applied, attach, attention_mask, denoisers, method_pattern, remove
 from .layout import TokenLayout
 from .processors import GNAProcessor, MSWMSAProcessor, PatternProcessor, RadialProcessor
-from .registry import MethodSpec, Param, get_method
+from .processors.gna import GNAConfig
+from .processors.hidiffusion import HiDiffusionConfig
+from .processors.radial import RadialConfig
+from .registry import MethodConfig, MethodSpec, Param, get_method
 from .registry import methods as _method_specs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GNAConfig",
     "GNAProcessor",
     "Handle",
+    "HiDiffusionConfig",
     "MSWMSAProcessor",
+    "MethodConfig",
     "MethodSpec",
     "Param",
     "PatternProcessor",
+    "RadialConfig",
     "RadialProcessor",
     "TokenLayout",
     "apply",
@@ -31,6 +40,7 @@ __all__ = [
     "get_method",
     "method_pattern",
     "methods",
+    "ops",
     "remove",
 ]
 

@@ -13,7 +13,7 @@ from .kernels import full_mask
 from .layout import TokenLayout
 from .processors.base import PatternProcessor
 from .processors.install import get_processors, set_processors
-from .registry import get_method
+from .registry import MethodConfig, get_method
 
 __all__ = ["Handle", "apply", "remove", "applied", "attach", "attention_mask", "denoisers", "method_pattern"]
 
@@ -21,7 +21,10 @@ _HANDLE_ATTR = "_diffusion_attn_handle"
 
 
 class Handle:
-    """What ``apply`` installed; ``remove()`` undoes it exactly (also usable as a context manager)."""
+    """What ``apply`` installed; ``remove()`` undoes it exactly (also usable as a context manager).
+    ``config``: the resolved method config (None for :func:`attach`)."""
+
+    config = None
 
     def __init__(self, method: str, params: dict, context: RunContext, models: list, undo: list):
         self.method, self.params, self.context = method, params, context
@@ -80,14 +83,29 @@ def _variant(pipe_or_model, family: str) -> str:
     return family
 
 
-def apply(pipe_or_model, method: str, **params) -> Handle:
+def _method_and_params(method, params: dict):
+    """(spec, params or config) from ``apply``'s arguments: a method name with kwargs, or a config."""
+    if isinstance(method, MethodConfig):
+        if params:
+            raise ValueError(f"give the parameters either in the {type(method).__name__} or as keyword arguments, "
+                             f"not both (got {', '.join(params)})")
+        return get_method(method), method
+    return get_method(method), params  # a name, or a config class with keyword arguments
+
+
+def apply(pipe_or_model, method, **params) -> Handle:
     """Install ``method`` on a pipeline (all its denoisers) or on a denoiser model.
 
-    Validates everything before touching the model; on any error the model is left exactly as it was.
-    Returns a :class:`Handle`; ``handle.remove()`` or ``diffusion_attn.remove(pipe)`` restores the
-    original processors and modules bit-exactly.
+    ``method``: a method name with its parameters as keyword arguments
+    (``apply(pipe, "radial", decay_factor=0.2)``), or a method config
+    (``apply(pipe, RadialConfig(decay_factor=0.2))``); fields left None take the model family's defaults.
+    Validates everything that can be known before the first call (parameter values, their combination,
+    the model family's grid rank, the backend, head lists against the model) before touching the model;
+    on any error the model is left exactly as it was. Returns a :class:`Handle` (``handle.config``: the
+    resolved config; ``handle.params``: the same as a dict); ``handle.remove()`` or
+    ``diffusion_attn.remove(pipe)`` restores the original processors and modules bit-exactly.
     """
-    spec = get_method(method)
+    spec, params = _method_and_params(method, params)
     models = denoisers(pipe_or_model)
     families = [family_of(m) for m in models]
     for fam in families:
@@ -101,18 +119,22 @@ def apply(pipe_or_model, method: str, **params) -> Handle:
             active = getattr(m, _HANDLE_ATTR, None)
             what = f"{active.method!r}" if active is not None else "a diffusion_attn method"
             raise ValueError(f"{what} is already applied to this {type(m).__name__}; call remove() first")
-    resolved = spec.resolve(params, _variant(pipe_or_model, families[0].name))
+    config = spec.make_config(params, _variant(pipe_or_model, families[0].name), family=families[0].name)
+    for m in models:
+        config.check_model(m)
+    resolved = config.to_dict()
     context = RunContext(families[0].name, scheduler=getattr(pipe_or_model, "scheduler", None))
     undo: list = []
     try:
         for m, fam in zip(models, families):
             attach_context(m, context, fam.read_call)
             undo.append(lambda m=m: detach_context(m))
-            undo.extend(spec.install(m, fam, context, resolved))
+            undo.extend(spec.install(m, fam, context, config))
     except BaseException:
         _run_undo(undo)
         raise
     handle = Handle(spec.name, resolved, context, models, undo)
+    handle.config = config
     for m in models:
         setattr(m, _HANDLE_ATTR, handle)
     return handle
@@ -127,8 +149,9 @@ def remove(pipe_or_model) -> bool:
 
 
 @contextlib.contextmanager
-def applied(pipe_or_model, method: str, **params):
-    """``with applied(pipe, "radial"): pipe(...)`` -- apply for the block, remove after it."""
+def applied(pipe_or_model, method, **params):
+    """``with applied(pipe, "radial"): pipe(...)`` (or ``applied(pipe, RadialConfig(...))``) -- apply for
+    the block, remove after it."""
     handle = apply(pipe_or_model, method, **params)
     try:
         yield handle
@@ -157,7 +180,7 @@ def attach(model: torch.nn.Module) -> Handle:
         if id(proc) in seen:
             proc = copy.copy(proc)
         seen.add(id(proc))
-        new[name] = proc.bind(context, family, index[name])
+        new[name] = proc.bind(context, family, index[name], name)
         found.append(proc.method)
     if not found:
         raise ValueError("no diffusion_attn processor is installed on this model; nothing to attach")
@@ -169,23 +192,24 @@ def attach(model: torch.nn.Module) -> Handle:
     return handle
 
 
-def method_pattern(method: str, layout: TokenLayout, *, family: str | None = None, **params):
+def method_pattern(method, layout: TokenLayout, *, family: str | None = None, **params):
     """``(spec, resolved params, pattern)`` of ``method`` on ``layout``: what :func:`attention_mask`, the
     pattern pictures and ``diffusion-attn simulate`` show. ``family`` (or a variant such as ``wan2.2``)
     picks per-model defaults; default: the method's first family. A family the method does not support
     is an error."""
-    spec = get_method(method)
+    spec, params = _method_and_params(method, params)
     if spec.grid_pattern is None:
         raise ValueError(f"method {spec.name!r} has no attention pattern to show")
     if family is not None and family not in spec.family_defaults and family not in spec.families:
         what = "does not support" if family in FAMILIES else "has no family"
         raise ValueError(f"{spec.name} {what} {family!r}; supported families: {', '.join(spec.families)}"
                          + (f" (defaults for {', '.join(spec.family_defaults)})" if spec.family_defaults else ""))
-    resolved = spec.resolve(params, family or spec.families[0])
+    config = spec.make_config(params, family or spec.families[0])
+    resolved = config.to_dict()
     return spec, resolved, spec.grid_pattern(layout, **resolved)
 
 
-def attention_mask(method: str, layout: TokenLayout, *, family: str | None = None, **params) -> torch.Tensor:
+def attention_mask(method, layout: TokenLayout, *, family: str | None = None, **params) -> torch.Tensor:
     """The dense boolean mask ``(queries, keys)`` that ``method`` applies on ``layout``.
 
     For inspection and plotting (and the tests' oracle): it is S x S, so keep layouts small. ``family``

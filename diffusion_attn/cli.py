@@ -65,17 +65,25 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
             help_ = help_.replace("%", "%%")
             if p.type is bool:
                 group.add_argument(_flag(name), dest=f"m_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_)
-            else:
+            else:  # numbers parse here; tuples and input types (boxes, heads, prompts, paths) in Param.validate
                 kind = {int: int, float: float}.get(p.type, str)
-                metavar = "N[,N,N]" if p.type is tuple else ("{" + ",".join(map(str, p.choices)) + "}" if p.choices else p.name.upper())
-                group.add_argument(_flag(name), dest=f"m_{name}", type=kind, default=None, metavar=metavar, help=help_)
+                group.add_argument(_flag(name), dest=f"m_{name}", type=kind, default=None, metavar=p.metavar, help=help_)
+
+
+def _given_method_flags(args) -> list[str]:
+    return [_flag(k[2:]) for k, v in vars(args).items() if k.startswith("m_") and v is not None]
 
 
 def _method_params(args) -> dict:
     """The method flags given on the command line, as the method's parameter names; an error for flags
-    of other methods."""
+    of other methods (and for any method flag with ``--method none``)."""
     from . import get_method
 
+    if args.method == "none":
+        given = _given_method_flags(args)
+        if given:
+            raise ValueError(f"--method none (stock attention) takes no method flags, got {', '.join(given)}")
+        return {}
     spec = get_method(args.method)
     flags = {p.name: _dest(spec.name, p.name) for p in spec.params}
     given = {name: getattr(args, f"m_{flag}") for name, flag in flags.items() if getattr(args, f"m_{flag}", None) is not None}
@@ -83,7 +91,8 @@ def _method_params(args) -> dict:
     others = [k[2:] for k, v in vars(args).items() if k.startswith("m_") and v is not None and k[2:] not in used]
     if others:
         raise ValueError(f"method {spec.name!r} does not take {', '.join(_flag(o) for o in others)}")
-    return given
+    config = spec.config.from_kwargs(**given)  # bad values fail here, before anything loads
+    return {name: config[name] for name in given}
 
 
 def parse_grid(text: str) -> tuple[int, ...]:
@@ -134,10 +143,18 @@ def _generation_kwargs(args) -> dict:
 # ------------------------------------------------------------------------------------------------------
 
 
-def cmd_generate(args) -> int:
-    from .runner import generate, save
+def _check_output(args) -> None:
+    from .runner import check_output
 
-    params = _method_params(args) if args.method != "none" else {}
+    check_output(args.output)
+
+
+def cmd_generate(args) -> int:
+    from .runner import check_device, generate, save
+
+    params = _method_params(args)
+    check_device(args.device)
+    _check_output(args)
     progress = _Progress(f"{args.method} on {args.model}", args.progress)
     try:
         result = generate(args.model, args.method, params, callback=progress, **_generation_kwargs(args))
@@ -151,10 +168,13 @@ def cmd_generate(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import compare, save
+    from .runner import check_device
 
     if args.method == "none":
         raise ValueError("compare needs a method other than 'none' (the dense run is always made)")
     params = _method_params(args)
+    check_device(args.device)
+    _check_output(args)
     progress = _Progress(f"dense + {args.method} on {args.model}", args.progress)
     try:
         result = compare(args.model, args.method, params, callback=progress, warmup=args.warmup, **_generation_kwargs(args))
@@ -277,7 +297,7 @@ def cmd_methods(args) -> int:
         print(f"{'':12s} {spec.summary}")
         for p in spec.params:
             flag = _flag(_dest(spec.name, p.name))
-            print(f"{'':14s}{flag:20s} {p.type.__name__:6s} {_default_text(spec, p):10s} {p.help}")
+            print(f"{'':14s}{flag:20s} {p.type.__name__:6s} {p.role:9s} {_default_text(spec, p):10s} {p.help}")
     return 0
 
 
@@ -337,7 +357,17 @@ def _add_generation_args(p: argparse.ArgumentParser, output_default: str, output
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a nearest-flag hint for unknown flags."""
+    """argparse with one-line errors (exit status 2) and a nearest-name hint for unknown flags and
+    commands."""
+
+    def error(self, message: str):
+        match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if match:
+            options = re.findall(r"'([^']*)'", match.group(2)) or [o.strip() for o in match.group(2).split(",")]
+            close = difflib.get_close_matches(match.group(1), options, n=1, cutoff=0.6)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
     def unknown(self, extras: list[str]) -> None:
         options = [s for a in self._actions for s in a.option_strings]

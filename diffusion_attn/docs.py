@@ -32,7 +32,8 @@ def _training_free(kind: str) -> str:
 
 def method_table() -> str:
     """The Markdown table of the registered methods: method, paper, model families, training-free or
-    not (from ``spec.kind``), key parameters (all but :data:`COMMON`, required ones marked)."""
+    not (from ``spec.kind``), key parameters (the fields of the method's config, all but :data:`COMMON`;
+    required ones and user inputs marked)."""
     from .registry import methods
 
     rows = [
@@ -41,7 +42,8 @@ def method_table() -> str:
     ]
     specs = sorted(methods().values(), key=lambda s: s.name)
     for spec in specs:
-        params = ", ".join(f"`{p.name}`" + (" (required)" if p.required else "") for p in spec.params if p.name not in COMMON)
+        params = ", ".join(f"`{p.name}`" + (" (required)" if p.required else "") + (" (input)" if p.role == "input" else "")
+                           for p in spec.params if p.name not in COMMON)
         rows.append(f"| `{spec.name}` | {_cell(spec.paper)} | {_cell(', '.join(spec.families))} | "
                     f"{_cell(_training_free(spec.kind))} | {params or '-'} |")
     from .adapters import FAMILIES

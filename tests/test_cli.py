@@ -296,3 +296,86 @@ def test_generate_from_a_saved_checkpoint_uses_its_own_defaults(tmp_path):
     assert meta["family"] == "flux" and meta["size"] == {"width": 192, "height": 128, "frames": 1}
     # only what was given is passed; the tiny models' small-size defaults are not forced on a checkpoint
     assert meta["call_kwargs"] == {"num_inference_steps": 1, "height": 128, "width": 192}
+
+
+# ------------------------------------------------------------------------------------------------------
+# B10: one-line argparse errors, device, steps, `--method none` flags, output path -- before any loading
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a pipeline gets loaded."""
+    from diffusion_attn.runner import generation
+
+    def refuse(*a, **k):
+        raise AssertionError("a pipeline was loaded before the error")
+
+    monkeypatch.setattr(generation, "get_pipeline", refuse)
+    monkeypatch.setattr(runner, "get_pipeline", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--method", "gna", "--widnow", "3"], "unrecognized arguments: --widnow 3 (did you mean --window?)"),
+    (["generate", "--dtype", "float33"], "argument --dtype: invalid choice: 'float33'"),
+    (["generate", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["generate", "--window"], "argument --window: expected one argument"),
+    (["mask", "--method", "gna", "--grid", "8x8", "--text-position", "middle"], "invalid choice: 'middle'"),
+    (["mask", "--grid", "8x8"], "the following arguments are required: --method"),
+    (["generat", "--method", "gna"], "invalid choice: 'generat'"),
+    (["generat"], "(did you mean generate?)"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_argparse_errors_are_one_line_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "usage:" not in err, err
+
+
+def test_device_cuda_without_cuda_is_one_line_before_loading(capsys, monkeypatch, tmp_path, no_loading):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in ("generate", "compare"):
+        assert main([command, "--method", "gna", "--window", "3", "--model", "tiny-flux", "--device", "cuda",
+                     "--no-progress", "--output", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert "device 'cuda' is not available" in err and "use cpu" in err and err.count("\n") == 1
+    assert main(["generate", "--method", "none", "--model", "tiny-flux", "--device", "gpu0"]) == 2
+    assert "unknown device 'gpu0'" in capsys.readouterr().err
+
+
+def test_mochi_needs_two_steps(capsys, tmp_path, no_loading):
+    assert main(["generate", "--method", "none", "--model", "tiny-mochi", "--steps", "1", "--no-progress",
+                 "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "mochi pipelines need at least 2 denoising steps" in err and "got steps=1" in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="at least 2 denoising steps"):
+        runner.generate("tiny-mochi", prompt="a fox", steps=1)
+
+
+def test_method_none_with_method_flags_is_an_error(capsys, no_loading):
+    assert main(["generate", "--method", "none", "--window", "3", "--decay-factor", "0.5", "--model", "tiny-flux"]) == 2
+    err = capsys.readouterr().err
+    assert "--method none (stock attention) takes no method flags, got --window, --decay-factor" in err
+
+
+def test_unwritable_output_is_reported_before_generating(capsys, tmp_path, no_loading):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for command in ("generate", "compare"):
+        assert main([command, "--method", "gna", "--window", "3", "--model", "tiny-flux", "--no-progress",
+                     "--output", str(blocker / "sub" / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write the output '{blocker / 'sub' / 'out'}': '{blocker}' is a file, not a folder" in err
+    assert main(["generate", "--method", "none", "--model", "tiny-flux", "--no-progress", "--output", str(tmp_path)]) == 2
+    assert "it is a folder" in capsys.readouterr().err
+
+
+def test_bad_method_values_fail_before_loading(capsys, no_loading):
+    assert main(["generate", "--method", "radial", "--model", "tiny-wan", "--decay-factor", "nan"]) == 2
+    assert "'decay_factor' must be a finite number, got nan" in capsys.readouterr().err
+    assert main(["generate", "--method", "gna", "--model", "tiny-flux", "--window", "2.5,3"]) == 2
+    assert "'window' must be an int or a tuple of ints" in capsys.readouterr().err
+    assert main(["generate", "--method", "radial", "--model", "tiny-wan", "--backend", "strips"]) == 2
+    assert "backend='strips' cannot run radial" in capsys.readouterr().err

@@ -96,11 +96,25 @@ def comfy(monkeypatch):
     return attention
 
 
+class FlowSampling:
+    """``comfy.model_sampling.ModelSamplingDiscreteFlow``'s percent convention (shift 1: sigma = 1 - percent)."""
+
+    sigma_max, sigma_min = 1.0, 0.001
+
+    @staticmethod
+    def percent_to_sigma(percent):
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return 1.0 - percent
+
+
 class FakeModelPatcher:
     """The parts of ``comfy.model_patcher.ModelPatcher`` the nodes use."""
 
     def __init__(self, diffusion_model):
-        self.model = SimpleNamespace(diffusion_model=diffusion_model)
+        self.model = SimpleNamespace(diffusion_model=diffusion_model, model_sampling=FlowSampling())
         self.model_options = {"transformer_options": {}}
         self.wrappers = {}
 
@@ -204,16 +218,21 @@ def test_every_method_has_a_node_matching_its_spec(name):
     spec = methods()[name]
     key = cnodes.node_id(spec)
     node = dcomfy.NODE_CLASS_MAPPINGS[key]
-    assert dcomfy.NODE_DISPLAY_NAME_MAPPINGS[key] == f"Apply {name} attention"
+    proper = {"gna": "Generalized Neighborhood Attention (GNA)", "radial": "Radial Attention",
+              "hidiffusion": "HiDiffusion (MSW-MSA)"}
+    assert dcomfy.NODE_DISPLAY_NAME_MAPPINGS[key] == proper[name]
     assert node.RETURN_TYPES == ("MODEL",) and node.CATEGORY == "diffusion_attn"
     assert callable(getattr(node, node.FUNCTION))
     assert name in node.DESCRIPTION or spec.summary in node.DESCRIPTION
     required = node.INPUT_TYPES()["required"]
     assert required["model"][0] == "MODEL"
     hidden = patching.SUPPORT.get(name, patching.ComfySupport()).hidden
-    expected = [p.name for p in spec.params if p.name not in hidden]
+    expected = [p.name for p in spec.params if p.name not in hidden] + ["start_percent", "end_percent"]
     expected += [cnodes.DEFAULTS_INPUT] if spec.family_defaults else []
     assert list(required)[1:] == expected
+    for percent, default in (("start_percent", 0.0), ("end_percent", 1.0)):
+        kind, opts = required[percent]
+        assert (kind, opts["default"], opts["min"], opts["max"]) == ("FLOAT", default, 0.0, 1.0)
     for p in spec.params:
         if p.name in hidden:
             continue
@@ -222,6 +241,8 @@ def test_every_method_has_a_node_matching_its_spec(name):
         optional = p.default is None and not p.required
         if p.type in (int, float):
             assert kind == ("INT" if p.type is int else "FLOAT")
+            # ComfyUI's frontend randomizes INT seeds after each run unless control_after_generate is False
+            assert opts.get("control_after_generate") is (False if p.name == "seed" else None)
             lo, hi = p.range or (None, None)
             if optional:
                 assert opts["default"] == opts["min"] == ((lo - 1) if lo is not None else -1)
@@ -386,8 +407,9 @@ def test_clone_leaves_original_untouched(comfy):
     assert original.model_options == {"transformer_options": {}} and original.wrappers == {}
     assert patched.get_wrappers(APPLY_MODEL, patching.WRAPPER_KEY)
     unet = FakeModelPatcher(sd15_unet())
-    apply(unet, "hidiffusion")
-    assert unet.model_options == {"transformer_options": {}}
+    patched = apply(unet, "hidiffusion")
+    assert unet.model_options == {"transformer_options": {}} and unet.wrappers == {}
+    assert patched.get_wrappers(APPLY_MODEL, patching.WRAPPER_KEY)  # the step-window wrapper of the attn1 patches
 
 
 def test_unsupported_models_and_setups_raise(comfy, monkeypatch):
@@ -569,4 +591,185 @@ def test_export_node_folder_is_importable(tmp_path):
     assert meta["project"]["name"] and meta["project"]["version"]
     assert {"PublisherId", "DisplayName", "Icon"} <= set(meta["tool"]["comfy"])
     readme = (folder / "README.md").read_text()
-    assert all(f"Apply {name} attention" in readme for name in methods())
+    assert all(cnodes.display_name(spec) in readme for spec in methods().values())
+    assert not hasattr(module, "comfy_entrypoint")  # no comfy_api here: the V1 mappings
+
+
+# ------------------------------------------------------------------------------------------------------
+# Conventions observed in the real ComfyUI 0.3.64 (benchmarks/comfy_real_check.py)
+# ------------------------------------------------------------------------------------------------------
+def _sliding_window_mask(grid, window):
+    """Neighborhood attention written out independently: per axis, query i sees the ``w`` keys starting at
+    ``clamp(i - w // 2, 0, L - w)`` (NATTEN's sliding window, stride 1, dilation 1); axes combine by AND."""
+    coords = torch.cartesian_prod(*(torch.arange(n) for n in grid)).reshape(-1, len(grid))
+    allowed = torch.ones(len(coords), len(coords), dtype=torch.bool)
+    for axis, (n, w) in enumerate(zip(grid, window)):
+        start = (coords[:, axis] - w // 2).clamp(0, n - w)
+        key = coords[:, axis]
+        allowed &= (key[None, :] >= start[:, None]) & (key[None, :] < start[:, None] + w)
+    return allowed
+
+
+def _text_first_reference(q4, k4, v4, grid_mask, text):
+    """SDPA with an explicit boolean mask over [text, grid]: text rows and columns dense."""
+    n = grid_mask.shape[0]
+    mask = torch.ones(text + n, text + n, dtype=torch.bool)
+    mask[text:, text:] = grid_mask
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q4, k4, v4)), attn_mask=mask).transpose(1, 2)
+
+
+def test_sd3_mmdit_v_unflattened_equals_dense_mask_reference(comfy):
+    """ComfyUI's MMDiT (``_block_mixing`` in comfy/ldm/modules/diffusionmodules/mmdit.py) passes q and k as
+    (B, S, heads * D) but v from ``split_qkv`` as (B, S, heads, D), without skip_reshape (B9: crashed)."""
+    dm = fake_model("OpenAISignatureMMDITWrapper", patch_size=2, register_length=0)
+    patched = apply(FakeModelPatcher(dm), "gna", window="3")
+    B, heads, D, text, grid = 2, 2, 8, 5, (4, 6)
+    n = text + grid[0] * grid[1]
+    q, k, v = qkv(B, n, heads * D)
+    v4_in = v.view(B, n, heads, D)
+
+    def forward(to):
+        return comfy.optimized_attention(q, k, v4_in, heads=heads, transformer_options=to)
+
+    out = run_model(patched, forward, torch.zeros(1, 16, 8, 12), context=torch.zeros(1, text, 32))
+    assert out.shape == (B, n, heads * D)
+    q4, k4 = (t.view(B, n, heads, D) for t in (q, k))
+    expected = _text_first_reference(q4, k4, v4_in, _sliding_window_mask(grid, (3, 3)), text).reshape(B, n, -1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # the same call with v flattened gives the same result (both layouts accepted, as ComfyUI's own functions)
+    flat = run_model(patched, lambda to: comfy.optimized_attention(q, k, v, heads=heads, transformer_options=to),
+                     torch.zeros(1, 16, 8, 12), context=torch.zeros(1, text, 32))
+    assert torch.equal(flat, out)
+    assert not torch.allclose(out, _attention_pytorch(q, k, v4_in, heads))
+
+
+def _sparse_calls(patched, comfy, sigmas):
+    """Per model call at each sigma of ``sigmas`` (one sampler run): whether the method changed attention."""
+    q, k, v = qkv(1, 5 + 48, 16)
+    plain = _attention_pytorch(q, k, v, 2)
+    out = []
+    for sigma in sigmas[:-1]:
+        got = run_model(patched, lambda to: comfy.optimized_attention(q, k, v, heads=2, transformer_options=to),
+                        torch.zeros(1, 16, 12, 16), torch.zeros(1, 5, 8), sigma=sigma, sample_sigmas=sigmas)
+        out.append(not torch.equal(got, plain))
+    return out
+
+
+def test_percent_step_window_survives_a_split(comfy):
+    """KSamplerAdvanced split: the second run's sample_sigmas start mid-schedule. start/end percent are sigma
+    bounds (percent_to_sigma), so both halves together place the method as one full run does; dense_steps
+    counts the steps of each run (documented), so it restarts."""
+    sigmas = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
+    first, second = sigmas[:4], sigmas[3:]  # KSamplerAdvanced end_at_step=3 / start_at_step=3
+    model = FakeModelPatcher(fake_model("Flux", patch_size=2))
+    windowed = apply(model, "gna", window="3", start_percent=0.3, end_percent=0.7)
+    full = _sparse_calls(windowed, comfy, sigmas)
+    assert full == [False, False, True, True, False]  # sigma in [0.3, 0.7] (flow: sigma = 1 - percent)
+    assert _sparse_calls(windowed, comfy, first) + _sparse_calls(windowed, comfy, second) == full
+    by_steps = apply(model, "gna", window="3", dense_steps=2)
+    assert _sparse_calls(by_steps, comfy, sigmas) == [False, False, True, True, True]
+    assert _sparse_calls(by_steps, comfy, first) + _sparse_calls(by_steps, comfy, second) == [False, False, True, False, False]
+    everywhere = apply(model, "gna", window="3")
+    assert _sparse_calls(everywhere, comfy, sigmas) == [True] * 5
+
+
+def test_percent_step_window_on_unet_attn1(comfy):
+    patched = apply(FakeModelPatcher(sd15_unet()), "hidiffusion", shift=1, start_percent=0.5)
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn1"][("output", 9, 0)]
+    B, heads, D, grid = 1, 2, 8, (8, 8)
+    q, k, v = qkv(B, 64, heads * D)
+    plain = _attention_pytorch(q, k, v, heads)
+    sigmas = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+    def forward(sigma):
+        def call(to):  # BasicTransformerBlock: extra_options = transformer_options + n_heads, dim_head, ...
+            extra = {**to, "n_heads": heads, "dim_head": D, "activations_shape": [B, 16, *grid]}
+            return patch(q, k, v, extra)
+        return run_model(patched, call, torch.zeros(1, 4, 64, 64), torch.zeros(1, 7, 8), sigma=sigma, sample_sigmas=sigmas)
+
+    changed = [not torch.equal(forward(s), plain) for s in sigmas[:-1]]
+    assert changed == [False, False, True, True]
+
+
+@pytest.mark.parametrize("method,values,match", [
+    ("gna", dict(window="3", backend="windows"), "backend='windows'"),  # sliding windows do not partition
+    ("gna", dict(window="3", backend="triton"), "backend='triton'"),  # CUDA only
+    ("radial", dict(backend="strips"), "backend='strips'"),  # radial is a block pattern, not boxes
+    ("gna", dict(window="3,5"), "3-D token grid"),  # a 2-D window on a video model
+    ("gna", dict(window="3", start_percent=0.8, end_percent=0.2), "start_percent"),
+    ("gna", dict(window="3", end_percent=float("nan")), "end_percent must be a number in"),
+])
+def test_errors_known_at_the_node_are_raised_there(comfy, method, values, match):
+    """B9: what cannot run fails when the node runs (not at the first KSampler step), and the input model
+    stays untouched."""
+    model = FakeModelPatcher(wan_model())
+    with pytest.raises(ValueError, match=match):
+        apply(model, method, **values)
+    assert model.model_options == {"transformer_options": {}} and model.wrappers == {}
+
+
+def test_node_time_backend_check_accepts_what_runs(comfy):
+    # blocked GNA partitions the grid: 'windows' is accepted and runs
+    patched = apply(FakeModelPatcher(fake_model("Flux", patch_size=2)), "gna", window="2", stride="2", backend="windows")
+    q, k, v = qkv(1, 2, 5 + 48, 8)
+    out = run_model(patched, lambda to: comfy.optimized_attention(q, k, v, 2, skip_reshape=True, transformer_options=to),
+                    torch.zeros(1, 16, 12, 16), context=torch.zeros(1, 5, 32))
+    layout = TokenLayout((6, 8), 5, "first")
+    q4, k4, v4 = (t.transpose(1, 2) for t in (q, k, v))
+    pattern = neighborhood_pattern((6, 8), (2, 2), (2, 2), (1, 1))
+    torch.testing.assert_close(out, pattern_attention(q4, k4, v4, pattern, layout, backend="reference").reshape(1, 53, -1))
+    apply(FakeModelPatcher(sd15_unet()), "hidiffusion", backend="windows")  # shifted windows partition
+
+
+def test_v3_seed_keeps_its_value_and_exported_folder_exposes_v3(comfy, monkeypatch, tmp_path):
+    io = _stub_io()
+    (node,) = [c for c in cnodes.build_v3_nodes(io) if c.METHOD == "hidiffusion"]
+    seed = [i for i in node.define_schema().kwargs["inputs"] if i.args[0] == "seed"][0]
+    assert seed.kwargs["control_after_generate"] is False
+    others = [i for i in node.define_schema().kwargs["inputs"][1:] if i.args[0] != "seed"]
+    assert all("control_after_generate" not in i.kwargs for i in others)
+
+    api = types.ModuleType("comfy_api")
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
+    monkeypatch.setitem(sys.modules, "comfy_api", api)
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
+    spec = importlib.util.spec_from_file_location("diffusion_attn.comfy", dcomfy.__file__)
+    with_v3 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(with_v3)
+    monkeypatch.setitem(sys.modules, "diffusion_attn.comfy", with_v3)
+    monkeypatch.setattr(sys.modules["diffusion_attn"], "comfy", with_v3)
+    folder = tmp_path / "nodes"
+    export_node_folder(folder)
+    spec = importlib.util.spec_from_file_location("exported_v3_nodes", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # ComfyUI's loader (nodes.py load_custom_node) reads NODE_CLASS_MAPPINGS first, comfy_entrypoint otherwise
+    assert not hasattr(module, "NODE_CLASS_MAPPINGS")
+    extension = asyncio.run(module.comfy_entrypoint())
+    nodes = asyncio.run(extension.get_node_list())
+    assert {n.define_schema().kwargs["display_name"] for n in nodes} == set(dcomfy.NODE_DISPLAY_NAME_MAPPINGS.values())
+
+
+@pytest.mark.skipif(not __import__("diffusion_attn.kernels", fromlist=["flex_available"]).flex_available("cpu"),
+                    reason="compiled FlexAttention does not run on this machine")
+def test_text_length_change_with_the_same_grid_rebuilds_kernel_caches(comfy):
+    """B5 in the ComfyUI runtime: HunyuanVideo prompts of different lengths on the same video grid; the
+    flex block mask cached for one sequence length must not serve the other."""
+    dm = fake_model("HunyuanVideo", patch_size=[1, 2, 2], byt5_in=None)
+    patched = apply(FakeModelPatcher(dm), "radial", decay_factor=0.5, sink="true", dense_layers=0, dense_steps=0,
+                    backend="flex")
+    grid, heads, D = (5, 8, 9), 2, 8
+    pattern = radial_pattern(grid, 0.5, True)
+    assert not pattern.is_full()
+    for text in (6, 9, 6):
+        layout = TokenLayout(grid, text, "last")
+        q, k, v = qkv(1, heads, layout.num_tokens, D, seed=text)
+        out = run_model(patched, lambda to: comfy.optimized_attention(q, k, v, heads, skip_reshape=True, transformer_options=to),
+                        torch.zeros(1, 16, 5, 16, 18), context=torch.zeros(1, text, 32))
+        mask = torch.ones(layout.num_tokens, layout.num_tokens, dtype=torch.bool)
+        n = pattern.num_tokens
+        mask[:n, :n] = pattern.dense_mask()
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(1, layout.num_tokens, -1)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -71,6 +71,13 @@ def test_gna_rejects_what_natten_rejects(grid, window, stride, dilation):
         neighborhood_pattern(grid, window, stride, dilation)
 
 
+@pytest.mark.parametrize("window", [(2.5, 3), (True, 3), ("2", 3), 2.0, [2, None]])
+def test_gna_per_axis_entries_must_be_ints(window):
+    # B10: entries went through int(): (2.5, 3) became (2, 3) and (True, 3) became (1, 3)
+    with pytest.raises(ValueError, match=r"window must be an int or a sequence of 2 ints"):
+        neighborhood_pattern((6, 6), window)
+
+
 def test_gna_paper_configs_density():
     # Flux 4K (256 x 256 tokens) window 80x80: (80/256)^2 ~ 9.8 % dense; HunyuanVideo 720p ~ 9 %
     flux = neighborhood_pattern((256, 256), (80, 80), (16, 16))

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Family", "grid_from_latent"]
+__all__ = ["Family", "grid_from_latent", "layer_kind"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,20 @@ class Family:
     layers: Callable
     run: Callable
     description: str = ""
+
+
+#: layer kinds by the first component of a processor's module path (diffusers' names): dual-stream
+#: joint blocks (Flux, SD3, HunyuanVideo, Mochi ``transformer_blocks``), Flux / HunyuanVideo
+#: single-stream blocks, UNet levels; everything else (Wan's ``blocks``) is a plain ``block``.
+_LAYER_KINDS = {"transformer_blocks": "double", "single_transformer_blocks": "single", "down_blocks": "down",
+                "mid_block": "mid", "up_blocks": "up"}
+
+
+def layer_kind(processor_name: str) -> str:
+    """The kind of the layer a processor name (``"single_transformer_blocks.3.attn.processor"``) belongs
+    to, as :class:`diffusion_attn.placement.Placement` selects layers: double, single, down, mid, up or
+    block."""
+    return _LAYER_KINDS.get(processor_name.split(".", 1)[0], "block")
 
 
 def first_tensor(args, kwargs, name: str, position: int):

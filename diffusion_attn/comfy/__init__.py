@@ -1,16 +1,18 @@
-"""ComfyUI nodes for the pack: one "Apply <method> attention" node per registered method.
+"""ComfyUI nodes for the pack: one node per registered method, named by the method's proper name
+("Generalized Neighborhood Attention (GNA)", "Radial Attention", "HiDiffusion (MSW-MSA)").
 
 ``NODE_CLASS_MAPPINGS`` / ``NODE_DISPLAY_NAME_MAPPINGS`` are V1 node classes generated from the method
 specs (:mod:`.nodes`); they are plain data, so ``import diffusion_attn.comfy`` works without ComfyUI.
 When ``comfy_api`` imports (inside ComfyUI), ``comfy_entrypoint`` returns a V3 ``ComfyExtension`` with
-the same nodes as ``io.ComfyNode`` classes, for embedding in a V3 extension. ComfyUI's loader prefers a
-module's ``NODE_CLASS_MAPPINGS`` over its ``comfy_entrypoint``, so the exported custom-node folder
-(``diffusion-attn export-comfy DIR``, :mod:`.export`) loads the V1 nodes.
+the same nodes as ``io.ComfyNode`` classes. ComfyUI's loader prefers a module's ``NODE_CLASS_MAPPINGS``
+over its ``comfy_entrypoint``, so the exported custom-node folder (``diffusion-attn export-comfy DIR``,
+:mod:`.export`) defines only ``comfy_entrypoint`` where the V3 API imports, else only the V1 mappings.
 
 Each node takes a ``MODEL`` and returns ``model.clone()`` patched through ComfyUI's model-patching API;
 the attention is the diffusers processors' kernel (``MethodSpec.grid_pattern`` +
-:func:`diffusion_attn.kernels.pattern_attention`). See :mod:`.patching` for how the token layout, the
-step and the layer index are obtained.
+:func:`diffusion_attn.kernels.pattern_attention`). See :mod:`.patching` (and :mod:`.families`,
+:mod:`.runtime`, :mod:`.dit`, :mod:`.unet`) for how the token layout, the step window and the layer index
+are obtained; ``benchmarks/comfy_real_check.py`` runs the nodes in a real ComfyUI.
 
 Supported ComfyUI models (ComfyUI >= 0.3.60 for the DiTs, which use ``optimized_attention_override``):
 

@@ -1,4 +1,5 @@
-"""ComfyUI nodes generated from the method specs: one "Apply <method> attention" node per method.
+"""ComfyUI nodes generated from the method specs: one node per method, shown under the method's proper
+name (:func:`display_name`).
 
 The inputs come from ``MethodSpec.params`` (no per-method node code):
 
@@ -8,6 +9,10 @@ The inputs come from ``MethodSpec.params`` (no per-method node code):
 * "not set / per-model default" (a parameter whose default is None): ``-1`` for numbers (the widget's
   minimum; a parameter whose range starts at ``lo`` uses ``lo - 1``), ``"default"`` in bool and choice
   combos, an empty STRING for tuples and strings;
+* INT inputs named like a seed get ``control_after_generate: False`` (as ComfyUI's own nodes where a seed
+  must stay as typed; otherwise the frontend adds a "randomize after generate" widget);
+* every node gets ``start_percent`` / ``end_percent`` (FLOAT 0-1): the part of the denoising schedule where
+  the method runs, ComfyUI's convention, which survives split sampling (:mod:`.runtime`);
 * methods with per-model defaults get one more combo, ``defaults_for``: ``auto`` (the detected model
   family) or a ``family_defaults`` key such as ``wan2.2``.
 
@@ -35,11 +40,15 @@ __all__ = [
     "display_name",
     "node_id",
     "node_inputs",
+    "PROPER_NAMES",
+    "SCHEDULE_INPUTS",
 ]
 
 CATEGORY = "diffusion_attn"
 #: extra combo picking whose per-model defaults fill unset parameters
 DEFAULTS_INPUT = "defaults_for"
+#: node inputs (not spec parameters) of the schedule window, ComfyUI's start/end percent convention
+SCHEDULE_INPUTS = ("start_percent", "end_percent")
 INT_MAX = 0xFFFFFFFFFFFFFFFF
 FLOAT_LIMIT = 1e6
 _UNSET = object()
@@ -49,8 +58,23 @@ def node_id(spec: MethodSpec) -> str:
     return "DiffusionAttnApply_" + re.sub(r"\W", "_", spec.name)
 
 
+#: the methods' proper names where the summary's head (before ":") is not one; a method missing here
+#: shows ``<summary head> (<NAME>)`` or the summary head when it already names the method
+PROPER_NAMES = {
+    "gna": "Generalized Neighborhood Attention (GNA)",
+    "radial": "Radial Attention",
+    "hidiffusion": "HiDiffusion (MSW-MSA)",  # the node has no RAU-Net (see SUPPORT["hidiffusion"].note)
+}
+
+
 def display_name(spec: MethodSpec) -> str:
-    return f"Apply {spec.name} attention"
+    """The node's display name: the method's proper name (:data:`PROPER_NAMES`, else from ``spec.summary``)."""
+    if spec.name in PROPER_NAMES:
+        return PROPER_NAMES[spec.name]
+    head = spec.summary.split(":", 1)[0].strip() or spec.name
+    if spec.name.lower() in head.lower().replace(" ", ""):
+        return head
+    return f"{head} ({spec.name.upper() if len(spec.name) <= 5 else spec.name})"
 
 
 def _class_name(spec: MethodSpec) -> str:
@@ -77,6 +101,9 @@ class NodeInput:
     step: Any = None
     options: tuple = ()
     unset: Any = _UNSET  # the widget value that means "not set" (None -> spec/per-model default)
+    #: INT only: ComfyUI's frontend adds a "control after generate" widget (randomize / increment / ...)
+    #: to INT inputs named like a seed unless this is False; a method's seed must stay as typed
+    control_after_generate: bool | None = None
 
     def v1(self) -> tuple:
         opts = {"default": self.default, "tooltip": self.tooltip}
@@ -84,6 +111,8 @@ class NodeInput:
             return (list(self.options), opts)
         if self.kind in ("INT", "FLOAT"):
             opts.update(min=self.minimum, max=self.maximum, step=self.step)
+        if self.control_after_generate is not None:
+            opts["control_after_generate"] = self.control_after_generate
         if self.kind == "STRING":
             opts["multiline"] = False
         return (self.kind, opts)
@@ -91,6 +120,8 @@ class NodeInput:
     def v3(self, io):
         common = dict(default=self.default, tooltip=self.tooltip)
         if self.kind == "INT":
+            if self.control_after_generate is not None:
+                common["control_after_generate"] = self.control_after_generate
             return io.Int.Input(self.name, min=self.minimum, max=self.maximum, step=self.step, **common)
         if self.kind == "FLOAT":
             return io.Float.Input(self.name, min=self.minimum, max=self.maximum, step=self.step, **common)
@@ -123,6 +154,10 @@ def _default_note(spec: MethodSpec, p: Param, unset_text: str) -> str:
     return f" [{unset_text} = not set]"
 
 
+def _is_seed(name: str) -> bool:
+    return name == "seed" or name.endswith("_seed")
+
+
 def _param_input(spec: MethodSpec, p: Param) -> NodeInput:
     lo, hi = p.range if p.range is not None else (None, None)
     optional = p.default is None and not p.required
@@ -137,14 +172,15 @@ def _param_input(spec: MethodSpec, p: Param) -> NodeInput:
         minimum = lo if lo is not None else (-INT_MAX if is_int else -FLOAT_LIMIT)
         maximum = hi if hi is not None else (INT_MAX if is_int else FLOAT_LIMIT)
         step = 1 if is_int else 0.01
+        seed = False if (is_int and _is_seed(p.name)) else None
         if optional:
             sentinel = (lo - 1) if lo is not None else -1
             sentinel = int(sentinel) if is_int else float(sentinel)
             return NodeInput(p.name, "INT" if is_int else "FLOAT", sentinel, tip + _default_note(spec, p, _fmt(sentinel)), p,
-                             minimum=sentinel, maximum=maximum, step=step, unset=sentinel)
+                             minimum=sentinel, maximum=maximum, step=step, unset=sentinel, control_after_generate=seed)
         default = p.default if p.default is not None else (lo if lo is not None else 0)
         return NodeInput(p.name, "INT" if is_int else "FLOAT", p.type(default), tip, p,
-                         minimum=p.type(minimum), maximum=p.type(maximum), step=step)
+                         minimum=p.type(minimum), maximum=p.type(maximum), step=step, control_after_generate=seed)
     if p.type is str and p.choices:
         options = tuple(map(str, p.choices))
         if optional:
@@ -160,13 +196,30 @@ def _param_input(spec: MethodSpec, p: Param) -> NodeInput:
     return NodeInput(p.name, "STRING", default, tip + note, p, unset=unset)
 
 
+def _schedule_inputs(spec: MethodSpec) -> list[NodeInput]:
+    steps = " (dense_steps, which counts the steps of one sampler run, applies too)" if "dense_steps" in \
+        {p.name for p in spec.params} else ""
+    common = ("fraction of the denoising schedule (sigmas, ComfyUI's start/end percent as in ControlNet and "
+              "SkipLayerGuidance; 0.0 = the first, noisiest step, 1.0 = the end); unlike a step count it holds "
+              "across KSamplerAdvanced splits and Wan 2.2's two experts")
+    return [
+        NodeInput("start_percent", "FLOAT", 0.0, f"where {spec.name} starts: attention stays dense before this "
+                  f"{common}{steps}", minimum=0.0, maximum=1.0, step=0.001),
+        NodeInput("end_percent", "FLOAT", 1.0, f"where {spec.name} ends: attention is dense again after this "
+                  f"{common}", minimum=0.0, maximum=1.0, step=0.001),
+    ]
+
+
 def node_inputs(spec: MethodSpec) -> list[NodeInput]:
-    """The node inputs of a method (after ``model``): its parameters, then ``defaults_for`` if any."""
+    """The node inputs of a method (after ``model``): its parameters, ``start_percent`` / ``end_percent``,
+    then ``defaults_for`` if any."""
     support = SUPPORT.get(spec.name, ComfySupport())
     names = [p.name for p in spec.params]
-    if DEFAULTS_INPUT in names:
-        raise ValueError(f"method {spec.name!r} has a parameter named {DEFAULTS_INPUT!r}, reserved by the ComfyUI nodes")
+    for reserved in (DEFAULTS_INPUT, *SCHEDULE_INPUTS):
+        if reserved in names:
+            raise ValueError(f"method {spec.name!r} has a parameter named {reserved!r}, reserved by the ComfyUI nodes")
     out = [_param_input(spec, p) for p in spec.params if p.name not in support.hidden]
+    out += _schedule_inputs(spec)
     if spec.family_defaults:
         keys = tuple(spec.family_defaults)
         tip = "whose defaults fill the parameters left unset: auto = the detected model family, or " + ", ".join(keys)
@@ -191,8 +244,9 @@ def description(spec: MethodSpec) -> str:
         lines.append(support.note)
     if any(COMFY_FAMILIES[f].kind == "dit" for f in spec.families if f in COMFY_FAMILIES):
         lines.append(f"DiT models need ComfyUI >= {MIN_COMFYUI}.")
-    lines.append("Steps count within one sampler run (KSamplerAdvanced start_at_step restarts the count); layer "
-                 "indices follow the diffusers processors' layer order.")
+    lines.append("start_percent / end_percent: where in the schedule the method runs (they hold across "
+                 "KSamplerAdvanced splits and Wan 2.2's two experts); dense_steps counts the steps of one sampler run "
+                 "(KSamplerAdvanced start_at_step restarts it). Layer indices follow the diffusers processors' layer order.")
     return "\n".join(lines)
 
 
@@ -200,14 +254,15 @@ def apply_node(spec: MethodSpec, model, values: dict):
     """Run a node: decode the widget ``values`` and patch a clone of ``model``."""
     values = dict(values)
     defaults_for = values.pop(DEFAULTS_INPUT, "auto")
+    window = {name: values.pop(name) for name in SCHEDULE_INPUTS if name in values}
     params = {}
     for inp in node_inputs(spec):
-        if inp.name == DEFAULTS_INPUT or inp.name not in values:
+        if inp.param is None or inp.name not in values:
             continue
         value = inp.decode(values[inp.name])
         if value is not _UNSET:
             params[inp.name] = value
-    return apply_method(model, spec, params, defaults_for)
+    return apply_method(model, spec, params, defaults_for, **window)
 
 
 MODEL_TOOLTIP = "the diffusion model to patch (a patched clone is returned; the input model is unchanged)"

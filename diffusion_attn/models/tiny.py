@@ -603,28 +603,9 @@ def _realign_cpu_tensors(model: torch.nn.Module) -> None:
 
 
 def _denoiser_family(model: Any) -> str | None:
-    from diffusers import (
-        FluxTransformer2DModel,
-        HunyuanVideoTransformer3DModel,
-        MochiTransformer3DModel,
-        SD3Transformer2DModel,
-        UNet2DConditionModel,
-        WanTransformer3DModel,
-    )
+    from ..adapters import variant_of
 
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    if isinstance(model, UNet2DConditionModel):
-        return "unet-sdxl" if model.config.get("addition_embed_type") == "text_time" else "unet-sd15"
-    for cls, family in (
-        (FluxTransformer2DModel, "flux"),
-        (SD3Transformer2DModel, "sd3"),
-        (WanTransformer3DModel, "wan"),
-        (HunyuanVideoTransformer3DModel, "hunyuanvideo"),
-        (MochiTransformer3DModel, "mochi"),
-    ):
-        if isinstance(model, cls):
-            return family
-    return None
+    return variant_of(model)
 
 
 def model_family(pipe_or_model: Any) -> str:

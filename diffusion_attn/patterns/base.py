@@ -12,6 +12,14 @@ dense). Two shapes cover the efficiency methods:
 Both yield the dense boolean reference mask (the oracle; only for small sizes) and a :class:`Schedule`:
 buckets of equally shaped query tiles, each with the key indices it gathers and, for box patterns, a
 per-tile mask built lazily per chunk -- the fast path never builds an N x N tensor.
+
+Both are *grid patterns* of the sequence pattern protocol (:mod:`diffusion_attn.patterns.mask_mod`):
+``capabilities`` says ``"box"`` (+ ``"partition"`` when the windows partition the grid) or ``"block"``,
+``grid_pattern`` is the pattern itself, and ``mask_mod(b, h, q_idx, kv_idx)`` is the predicate over
+*grid* indices; :func:`~diffusion_attn.patterns.text_dense` places it in a call's whole sequence.
+
+(Tile schedules -- :class:`Schedule`, :class:`Bucket` -- are kernel planning and belong in ``kernels/``;
+they stay here until the kernels registry lands, to keep that branch and this one apart.)
 """
 
 from __future__ import annotations
@@ -200,6 +208,24 @@ class BoxPattern:
     def is_full(self) -> bool:
         return all(bool((a.lo == 0).all() and (a.hi == a.length).all()) for a in self.axes)
 
+    @property
+    def capabilities(self) -> frozenset:
+        """``{"box"}``, plus ``"partition"`` when the windows partition the grid (computed once)."""
+        if getattr(self, "_capabilities", None) is None:
+            from ..kernels.windows import window_partition  # kernels import patterns: import late
+
+            part = window_partition(self) is not None
+            self._capabilities = frozenset({"box", "partition"} if part else {"box"})
+        return self._capabilities
+
+    @property
+    def grid_pattern(self) -> "BoxPattern":
+        return self
+
+    def mask_mod(self, b, h, q_idx, kv_idx) -> torch.Tensor:
+        """FlexAttention-style predicate over flattened *grid* indices (``b`` and ``h`` are ignored)."""
+        return self.allowed(q_idx, kv_idx)
+
     def allowed(self, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
         """Elementwise: may flattened grid query ``qi`` see key ``ki``? (broadcasting int tensors)"""
         return self.allowed_fn(qi.device)(qi, ki)
@@ -344,6 +370,17 @@ class BlockPattern:
 
     def is_full(self) -> bool:
         return bool(self.block_mask.all())
+
+    #: the block occupancy is the pattern itself
+    capabilities = frozenset({"block"})
+
+    @property
+    def grid_pattern(self) -> "BlockPattern":
+        return self
+
+    def mask_mod(self, b, h, q_idx, kv_idx) -> torch.Tensor:
+        """FlexAttention-style predicate over flattened *grid* indices (``b`` and ``h`` are ignored)."""
+        return self.allowed(q_idx, kv_idx)
 
     def allowed(self, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
         """Elementwise: may flattened grid query ``qi`` see key ``ki``? (see :meth:`BoxPattern.allowed`)"""

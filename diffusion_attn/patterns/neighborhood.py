@@ -18,6 +18,7 @@ Constraints (as NATTEN): ``1 <= k``, ``k * d <= L``, ``1 <= s <= k``.
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -28,13 +29,17 @@ __all__ = ["neighborhood_axis", "neighborhood_pattern", "normalize_per_axis"]
 
 
 def normalize_per_axis(value, ndim: int, name: str) -> tuple[int, ...]:
-    """Broadcast a scalar to ``ndim`` axes; check a sequence has ``ndim`` positive integers."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    """Broadcast a scalar to ``ndim`` axes; check a sequence has ``ndim`` positive integers (entries are
+    never truncated: ``2.5`` and ``True`` are refused, not read as 2 and 1)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (value,) * ndim
     try:
-        value = tuple(int(v) for v in value)
+        items = tuple(value)
     except TypeError:
         raise ValueError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}") from None
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+        raise ValueError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}")
+    value = tuple(int(v) for v in items)
     if len(value) != ndim:
         raise ValueError(f"{name} must have {ndim} entries for a {ndim}-D token grid, got {value!r}")
     if any(v < 1 for v in value):

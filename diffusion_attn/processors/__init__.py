@@ -4,5 +4,6 @@ from .base import PatternProcessor
 from .gna import GNAProcessor
 from .hidiffusion import MSWMSAProcessor
 from .radial import RadialProcessor
+from .trainable import TrainableProcessor
 
-__all__ = ["PatternProcessor", "GNAProcessor", "MSWMSAProcessor", "RadialProcessor"]
+__all__ = ["PatternProcessor", "GNAProcessor", "MSWMSAProcessor", "RadialProcessor", "TrainableProcessor"]

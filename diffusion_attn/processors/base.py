@@ -15,10 +15,14 @@ Processors get the token grid and the step from the run context (:mod:`diffusion
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from ..kernels import prepared_attention
+from ..adapters.base import layer_kind
+from ..kernels import pattern_attention, prepared_attention
 from ..layout import TokenLayout
+from ..placement import Placement, Where
 
 __all__ = ["PatternProcessor", "key_padding_from_mask"]
 
@@ -44,17 +48,23 @@ class PatternProcessor:
     _parallel_config = None
     method = "base"
 
-    def __init__(self, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto", layer_index: int | None = None):
+    def __init__(self, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto", layer_index: int | None = None,
+                 placement: Placement | None = None):
         self.dense_layers = int(dense_layers)
         self.dense_steps = int(dense_steps)
+        #: where and when the pattern acts; ``dense_layers`` / ``dense_steps`` are its first-version form
+        self.placement = placement if placement is not None else Placement.from_dense(self.dense_layers, self.dense_steps)
         self.backend = backend
         self.layer_index = layer_index
+        self.layer_kind: str | None = None
         self.context = None
         self.family = None
 
-    def bind(self, context, family, layer_index: int) -> "PatternProcessor":
-        """Attach to a run context and model family (done by ``apply`` / ``attach``)."""
+    def bind(self, context, family, layer_index: int, name: str | None = None) -> "PatternProcessor":
+        """Attach to a run context and model family (done by ``apply`` / ``attach``); ``name`` (the
+        processor's module path) gives the layer kind placements select on."""
         self.context, self.family, self.layer_index = context, family, layer_index
+        self.layer_kind = None if name is None else layer_kind(name)
         return self
 
     # -- what subclasses define -------------------------------------------------------------------
@@ -63,12 +73,28 @@ class PatternProcessor:
         raise NotImplementedError
 
     def pattern_key(self, layout: TokenLayout):
-        """Cache key of :meth:`pattern`'s result (patterns depend on the layout and fixed params)."""
-        return (self.method, layout.grid)
+        """Cache key of :meth:`pattern`'s result: the whole layout and, for processors with a method
+        config, every pattern-role field of it (derived from the config, never listed by hand)."""
+        config = getattr(self, "config", None)
+        return (layout, *(config.pattern_key() if config is not None else (self.method,)))
+
+    @classmethod
+    def from_config(cls, config) -> "PatternProcessor":
+        """A processor from a method config: the config fields this class's constructor takes."""
+        import inspect
+
+        accepted = inspect.signature(cls).parameters
+        return cls(**{name: value for name, value in config.items() if name in accepted})
+
+    def where(self) -> Where:
+        """This call as the placement sees it: layer, its kind, step (of how many) and branch name."""
+        ctx = self.context
+        return Where(layer=self.layer_index or 0, kind=self.layer_kind, step=ctx.step,
+                     num_steps=getattr(ctx, "num_steps", None), branch=getattr(ctx, "branch_name", None))
 
     def is_dense_now(self) -> bool:
-        """Placement: the first ``dense_layers`` layers and the first ``dense_steps`` steps stay dense."""
-        return (self.layer_index or 0) < self.dense_layers or self.context.step < self.dense_steps
+        """Placement: outside its layers, steps or branches the call stays dense (the stock attention)."""
+        return not self.placement.active(self.where())
 
     # -- machinery -------------------------------------------------------------------------------
     def __call__(
@@ -100,17 +126,105 @@ class PatternProcessor:
             backend=self._attention_backend, parallel_config=self._parallel_config,
         )
 
+    # -- extension points (diffusion_attn.extensions): the defaults do nothing ------------------------
+    def reduce(self, q, k, v, layout: TokenLayout):
+        """Token reduction: None, or ``(q, k, v, layout, restore)`` with ``restore(out) -> out``."""
+        return None
+
+    def extra_kv(self, q, k, v, layout: TokenLayout) -> list:
+        """Extra key/value segments (:class:`~diffusion_attn.extensions.KVSegment`) for this call."""
+        return []
+
+    def blend(self, out, q, k, v, layout: TokenLayout):
+        """Per-head output blend (e.g. :func:`~diffusion_attn.extensions.head_blend`); identity here."""
+        return out
+
+    def branches(self, batch_size: int):
+        """Batch branches: None, or ``[(name, size), ...]`` splitting the batch; each part runs
+        :meth:`branch_core` of its name."""
+        return None
+
+    def branch_core(self, name: str):
+        """The core of a named batch branch: a callable like :meth:`core` without branches."""
+        return self._extended_core
+
+    # -- the core ----------------------------------------------------------------------------------
     def core(self, q, k, v, layout: TokenLayout, attention_mask=None) -> torch.Tensor:
-        """Attention core on (B, S, heads, head_dim) tensors laid out as ``layout``."""
+        """Attention core on (B, S, heads, head_dim) tensors laid out as ``layout``: the placement decides
+        dense or not; then the extension points, around the pattern core."""
         if self.is_dense_now():
             return self.dense(q, k, v, attention_mask)
+        parts = self.branches(q.shape[0])
+        if not parts:
+            return self._extended_core(q, k, v, layout, attention_mask)
+        from ..extensions import run_branches
+
+        names = [name for name, _ in parts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"batch branch names must be distinct, got {names}")
+        starts = dict(zip(names, [0] + list(itertools.accumulate(n for _, n in parts))))
+        sizes = dict(parts)
+
+        def run(name, qi, ki, vi):
+            mask = attention_mask
+            if mask is not None and mask.shape[0] == q.shape[0] and q.shape[0] > 1:  # per-sample masks
+                mask = mask[starts[name]:starts[name] + sizes[name]]
+            return self.branch_core(name)(qi, ki, vi, layout, mask)
+
+        return run_branches(q, k, v, parts, run)
+
+    def _extended_core(self, q, k, v, layout: TokenLayout, attention_mask=None) -> torch.Tensor:
+        reduced = self.reduce(q, k, v, layout)
+        restore = None
+        if reduced is not None:
+            q, k, v, layout, restore = reduced
+        segments = self.extra_kv(q, k, v, layout)
+        if segments:
+            from ..extensions import with_kv_segments
+
+            out = with_kv_segments(self.pattern_core_lse(q, k, v, layout, attention_mask), q, segments)
+        else:
+            out = self.pattern_core(q, k, v, layout, attention_mask)
+        out = self.blend(out, q, k, v, layout)
+        return out if restore is None else restore(out)
+
+    def current_pattern(self, layout: TokenLayout):
+        """This call's pattern (cached per key in the run context), or None for dense."""
         key = self.pattern_key(layout)
-        pattern = None if key is None else self.context.cached(("pattern", key), lambda: self.pattern(layout))
+        return None if key is None else self.context.cached(("pattern", key), lambda: self.pattern(layout))
+
+    def pattern_core(self, q, k, v, layout: TokenLayout, attention_mask=None) -> torch.Tensor:
+        """The pattern over the same q, k, v, through the kernels."""
+        dynamic = self.call_pattern(q, k, layout)
+        key = self.pattern_key(layout) if dynamic is None else None
+        pattern = self.current_pattern(layout) if dynamic is None else dynamic
         if pattern is None or pattern.is_full():
             return self.dense(q, k, v, attention_mask)
         kpm = key_padding_from_mask(attention_mask, q.shape[0], q.shape[1])
+        if dynamic is not None:  # chosen from this call's q and k: nothing to cache
+            return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=self.backend)
         return prepared_attention(q, k, v, pattern, layout, cached=self.context.cached, key=key,
                                   key_padding_mask=kpm, backend=self.backend)
+
+    def call_pattern(self, q, k, layout: TokenLayout):
+        """A dynamic pattern chosen from this call's ``q`` and ``k`` (e.g. top-k key blocks per query
+        block, VMoBA), or None to use the static, cached :meth:`pattern`. Not cached."""
+        return None
+
+    def pattern_core_lse(self, q, k, v, layout: TokenLayout, attention_mask=None):
+        """``(out, lse)`` of :meth:`pattern_core`, for merging with extra key/value segments. Computed
+        with the pattern's full mask (the reference; S x S), so keep such calls small until the fast
+        kernels that return their LSE (strips, triton) are wired here."""
+        from ..extensions import attention_with_lse
+        from ..kernels import full_mask
+
+        pattern = self.call_pattern(q, k, layout) or self.current_pattern(layout)
+        mask = None if pattern is None or pattern.is_full() else full_mask(pattern.dense_mask(), layout).to(q.device)[None, None]
+        kpm = key_padding_from_mask(attention_mask, q.shape[0], q.shape[1])
+        if kpm is not None:
+            kpm = kpm[:, None, None, :]
+            mask = kpm if mask is None else mask & kpm
+        return attention_with_lse(q, k, v, mask)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer_index}, dense_layers={self.dense_layers}, dense_steps={self.dense_steps})"

@@ -12,11 +12,62 @@ from __future__ import annotations
 
 from ..layout import TokenLayout
 from ..patterns import neighborhood_pattern
-from ..registry import MethodSpec, Param, register
+from ..registry import MethodConfig, MethodSpec, method_config, param, register
 from .base import PatternProcessor
 from .install import install_processors
 
-__all__ = ["GNAProcessor"]
+__all__ = ["GNAConfig", "GNAProcessor"]
+
+#: the kernels (``backend``) of the pattern methods
+BACKEND_CHOICES = ("auto", "gather", "strips", "windows", "flex", "triton", "natten", "xformers", "reference", "dense")
+BACKEND_HELP = ("kernel: auto, gather (tiled), strips (column slices; stride-aligned windows), windows (window "
+                "partitions), flex (compiled FlexAttention), triton / natten / xformers (opt-in), reference (dense "
+                "mask), dense")
+
+
+def dense_layers_field(default=0, per_family=None):
+    return param(default, role="placement", help="keep the first N attention layers dense", range=(0, None),
+                 per_family=per_family)
+
+
+def backend_field(choices=BACKEND_CHOICES, help=BACKEND_HELP):
+    return param("auto", role="kernel", help=help, choices=choices)
+
+
+def _axes(value, n):
+    return value * n if len(value) == 1 else value
+
+
+@method_config
+class GNAConfig(MethodConfig):
+    """Generalized Neighborhood Attention: ``window``, ``stride`` and ``dilation`` per grid axis (an int
+    or a 1-tuple broadcasts; ``(H, W)`` for images, ``(T, H, W)`` for video), NATTEN's rules
+    (``1 <= stride <= window``); ``dense_layers`` / ``dense_steps`` placement; ``backend`` kernel."""
+
+    window: tuple[int, ...] | None = param(None, role="pattern", required=True, range=(1, None),
+                                           help="window per axis, (H, W) or (T, H, W); an int broadcasts")
+    stride: tuple[int, ...] = param(1, role="pattern", range=(1, None),
+                                    help="stride per axis: 1 sliding, = window blocked, between: strided")
+    dilation: tuple[int, ...] = param(1, role="pattern", range=(1, None), help="dilation per axis")
+    dense_layers: int = dense_layers_field()
+    dense_steps: int = param(0, role="placement", help="keep the first N denoising steps dense (warm-up)",
+                             range=(0, None))
+    backend: str = backend_field()
+
+    capabilities = frozenset({"box", "neighborhood", "partition"})
+
+    def check(self) -> None:
+        super().check()
+        sizes = {name: getattr(self, name) for name in ("window", "stride", "dilation")}
+        lengths = {len(v) for v in sizes.values()} - {1}
+        if len(lengths) > 1:
+            raise ValueError("window, stride and dilation must have the same number of entries (or one that "
+                             "broadcasts), got " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+        n = max(lengths, default=1)
+        window, stride = _axes(self.window, n), _axes(self.stride, n)
+        if any(s > w for s, w in zip(stride, window)):
+            raise ValueError(f"stride must be <= window on every axis (1 = sliding, = window = blocked), got "
+                             f"window={self.window}, stride={self.stride}")
 
 
 class GNAProcessor(PatternProcessor):
@@ -25,15 +76,14 @@ class GNAProcessor(PatternProcessor):
 
     method = "gna"
 
-    def __init__(self, window, stride=1, dilation=1, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto"):
-        super().__init__(dense_layers=dense_layers, dense_steps=dense_steps, backend=backend)
+    def __init__(self, window, stride=1, dilation=1, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto",
+                 placement=None):
+        super().__init__(dense_layers=dense_layers, dense_steps=dense_steps, backend=backend, placement=placement)
+        self.config = GNAConfig(window, stride, dilation, dense_layers, dense_steps, backend)
         self.window, self.stride, self.dilation = window, stride, dilation
 
-    def pattern_key(self, layout: TokenLayout):
-        return ("gna", layout.grid, self.window, self.stride, self.dilation)
-
     def pattern(self, layout: TokenLayout):
-        return gna_grid_pattern(layout, window=self.window, stride=self.stride, dilation=self.dilation)
+        return gna_grid_pattern(layout, **self.config.pattern_params())
 
 
 def _per_axis(value, ndim):
@@ -49,22 +99,9 @@ def gna_grid_pattern(layout: TokenLayout, window, stride=1, dilation=1, **_):
         raise ValueError(f"GNA does not fit the token grid {layout.describe()}: {e}") from None
 
 
-def _install(model, family, context, params):
-    def make(index, name):
-        return GNAProcessor(params["window"], params["stride"], params["dilation"], dense_layers=params["dense_layers"],
-                            dense_steps=params["dense_steps"], backend=params["backend"])
+def _install(model, family, context, config: GNAConfig):
+    return install_processors(model, family, context, lambda index, name: GNAProcessor.from_config(config))
 
-    return install_processors(model, family, context, make)
-
-
-PLACEMENT = (
-    Param("dense_layers", int, 0, "keep the first N attention layers dense", range=(0, None)),
-    Param("dense_steps", int, 0, "keep the first N denoising steps dense (warm-up)", range=(0, None)),
-    Param("backend", str, "auto", "kernel: auto, gather (tiled), strips (column slices; stride-aligned windows), "
-          "windows (window partitions), flex (compiled FlexAttention), triton / natten / xformers (opt-in), "
-          "reference (dense mask), dense",
-          choices=("auto", "gather", "strips", "windows", "flex", "triton", "natten", "xformers", "reference", "dense")),
-)
 
 SPEC = register(MethodSpec(
     name="gna",
@@ -72,12 +109,7 @@ SPEC = register(MethodSpec(
     paper="Hassani et al., Generalized Neighborhood Attention (arXiv 2504.16922)",
     families=("flux", "sd3", "wan", "hunyuanvideo", "mochi"),
     kind="training-free efficiency",
-    params=(
-        Param("window", tuple, None, "window per axis, (H, W) or (T, H, W); an int broadcasts", range=(1, None), required=True),
-        Param("stride", tuple, 1, "stride per axis: 1 sliding, = window blocked, between: strided", range=(1, None)),
-        Param("dilation", tuple, 1, "dilation per axis", range=(1, None)),
-        *PLACEMENT,
-    ),
+    config=GNAConfig,
     install=_install,
     grid_pattern=gna_grid_pattern,
     aliases=("neighborhood",),

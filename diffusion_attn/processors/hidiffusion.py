@@ -54,11 +54,11 @@ import torch
 from ..layout import TokenLayout
 from ..patches.raunet import check_raunet_targets, install_raunet
 from ..patterns import shifted_window_pattern
-from ..registry import MethodSpec, Param, register
+from ..registry import MethodConfig, MethodSpec, method_config, param, register
 from .base import PatternProcessor
 from .install import install_processors
 
-__all__ = ["MSWMSAProcessor", "WINDOW_BLOCKS", "detect_variant", "official_shift_choice", "seeded_shift_choice"]
+__all__ = ["HiDiffusionConfig", "MSWMSAProcessor", "WINDOW_BLOCKS", "detect_variant", "official_shift_choice", "seeded_shift_choice"]
 
 #: official ``windown_attn_module_key`` per variant (BasicTransformerBlocks whose attn1 gets MSW-MSA)
 _SD15_WINDOWS = tuple(f"down_blocks.0.attentions.{a}.transformer_blocks.0" for a in (0, 1)) + tuple(
@@ -205,7 +205,7 @@ def detect_variant(unet, requested: str = "auto") -> str:
 # ------------------------------------------------------------------------------------------------------
 # Install + spec
 # ------------------------------------------------------------------------------------------------------
-def _install(model, family, context, params):
+def _install(model, family, context, params: "HiDiffusionConfig"):
     variant = detect_variant(model, params["model_variant"])
     if params["aggressive"] and variant != "sdxl":
         raise ValueError(f"aggressive RAU-Net is an SDXL mode (official); not available for {variant}")
@@ -241,6 +241,37 @@ def _install(model, family, context, params):
     return undo
 
 
+@method_config
+class HiDiffusionConfig(MethodConfig):
+    """HiDiffusion: the two parts (``apply_raunet``, ``apply_window_attn``), the UNet variant, MSW-MSA's
+    shift (``seed``, ``shift``), RAU-Net's schedule (``t1_ratio``, ``t2_ratio``, ``aggressive``,
+    ``num_steps``) and the kernel. None means the official behaviour where a field's help says so."""
+
+    apply_raunet: bool = param(True, role="placement",
+                               help="RAU-Net: resolution-aware downsampling/upsampling in the first steps")
+    apply_window_attn: bool = param(True, role="placement",
+                                    help="MSW-MSA: 2x2 shifted-window self-attention in the top blocks")
+    model_variant: str = param("auto", role="placement", choices=VARIANT_CHOICES,
+                               help="UNet variant; auto tells sd15 (also 2.1) from sdxl; Turbo must be given")
+    seed: int | None = param(None, role="pattern",
+                             help="MSW-MSA shifts: None = torch.rand per call (official); int = hash of (seed, step, layer)")
+    shift: int | None = param(None, role="pattern", range=(0, 3),
+                              help="fix the MSW-MSA shift multiple (shift = m * window // 4) instead of drawing it")
+    t1_ratio: float | None = param(None, role="placement", range=(0.0, 1.0),
+                                   help="RAU-Net T1 = int(steps * t1_ratio) (None: official per model/resolution)")
+    t2_ratio: float | None = param(None, role="placement", range=(0.0, 1.0),
+                                   help="RAU-Net T2 = int(steps * t2_ratio) (None: official per model/resolution)")
+    aggressive: bool | None = param(None, role="placement",
+                                    help="SDXL aggressive RAU-Net (None: official, on below 4096 px)")
+    num_steps: int | None = param(None, role="placement", range=(1, None),
+                                  help="denoising steps of a run (None: from the pipeline's scheduler)")
+    backend: str = param("auto", role="kernel", choices=("auto", "windows", "gather", "strips", "flex", "triton", "xformers", "reference"),
+                         help="kernel: auto, windows (the 2 x 2 windows reshaped), gather (tiled), strips "
+                              "(column slices), flex (compiled FlexAttention), triton / xformers (opt-in), reference (dense mask)")
+
+    capabilities = frozenset({"box", "partition"})
+
+
 SPEC = register(MethodSpec(
     name="hidiffusion",
     summary="HiDiffusion: MSW-MSA (2x2 shifted-window self-attention in the top UNet blocks) + RAU-Net "
@@ -248,25 +279,7 @@ SPEC = register(MethodSpec(
     paper="Zhang et al., HiDiffusion (ECCV 2024, arXiv 2311.17528)",
     families=("unet",),
     kind="training-free efficiency",
-    params=(
-        Param("apply_raunet", bool, True, "RAU-Net: resolution-aware downsampling/upsampling in the first steps"),
-        Param("apply_window_attn", bool, True, "MSW-MSA: 2x2 shifted-window self-attention in the top blocks"),
-        Param("model_variant", str, "auto", "UNet variant; auto tells sd15 (also 2.1) from sdxl; Turbo must be given",
-              choices=VARIANT_CHOICES),
-        Param("seed", int, None, "MSW-MSA shifts: None = torch.rand per call (official); int = hash of (seed, step, layer)"),
-        Param("shift", int, None, "fix the MSW-MSA shift multiple (shift = m * window // 4) instead of drawing it",
-              range=(0, 3)),
-        Param("t1_ratio", float, None, "RAU-Net T1 = int(steps * t1_ratio) (None: official per model/resolution)",
-              range=(0.0, 1.0)),
-        Param("t2_ratio", float, None, "RAU-Net T2 = int(steps * t2_ratio) (None: official per model/resolution)",
-              range=(0.0, 1.0)),
-        Param("aggressive", bool, None, "SDXL aggressive RAU-Net (None: official, on below 4096 px)"),
-        Param("num_steps", int, None, "denoising steps of a run (None: from the pipeline's scheduler)",
-              range=(1, None)),
-        Param("backend", str, "auto", "kernel: auto, windows (the 2 x 2 windows reshaped), gather (tiled), strips "
-              "(column slices), flex (compiled FlexAttention), triton / xformers (opt-in), reference (dense mask)",
-              choices=("auto", "windows", "gather", "strips", "flex", "triton", "xformers", "reference")),
-    ),
+    config=HiDiffusionConfig,
     install=_install,
     grid_pattern=hidiffusion_grid_pattern,
 ))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 __all__ = ["install_processors", "get_processors", "set_processors"]
 
 
@@ -24,6 +26,8 @@ def set_processors(model, processors: dict) -> None:
     for key, proc in processors.items():
         module = model.get_submodule(key.removesuffix(".processor"))
         if module.processor is not proc:
+            if "processor" in module._modules and not isinstance(proc, torch.nn.Module):
+                del module._modules["processor"]  # a processor with parameters leaves (as diffusers' set_processor does)
             module.processor = proc
 
 
@@ -38,6 +42,6 @@ def install_processors(model, family, context, make: Callable[[int, str], object
     for name, index in layers if layers is not None else family.layers(model):
         proc = make(index, name)
         if proc is not None:
-            new[name] = proc.bind(context, family, index)
+            new[name] = proc.bind(context, family, index, name)
     set_processors(model, new)
     return [lambda: set_processors(model, original)]

@@ -19,12 +19,34 @@ from __future__ import annotations
 
 from ..layout import TokenLayout
 from ..patterns import radial_pattern
-from ..registry import MethodSpec, Param, register
+from ..registry import MethodConfig, MethodSpec, method_config, param, register
 from .base import PatternProcessor
-from .gna import PLACEMENT
+from .gna import backend_field, dense_layers_field
 from .install import install_processors
 
-__all__ = ["RadialProcessor"]
+__all__ = ["RadialConfig", "RadialProcessor"]
+
+
+@method_config
+class RadialConfig(MethodConfig):
+    """Radial attention: ``decay_factor`` and ``sink`` shape the block mask; ``dense_layers`` /
+    ``dense_steps`` placement; ``backend`` kernel. Fields left None take the model family's defaults
+    (from the official scripts; Mochi's are ours)."""
+
+    decay_factor: float | None = param(
+        None, role="pattern", range=(0.0, None), help="band width scale for distant frames (per model by default)",
+        per_family={"wan": 0.2, "wan2.2": 0.8, "hunyuanvideo": 0.95, "mochi": 0.95})
+    sink: bool | None = param(
+        None, role="pattern", help="keep the first latent frame fully visible (Wan's attention sink)",
+        per_family={"wan": True, "wan2.2": True, "hunyuanvideo": False, "mochi": False})
+    dense_layers: int | None = dense_layers_field(
+        None, per_family={"wan": 1, "wan2.2": 1, "hunyuanvideo": 0, "mochi": 0})
+    dense_steps: int | None = param(
+        None, role="placement", range=(0, None), help="keep the first N denoising steps dense",
+        per_family={"wan": 12, "wan2.2": 11, "hunyuanvideo": 12, "mochi": 16})
+    backend: str = backend_field()
+
+    capabilities = frozenset({"block"})
 
 
 class RadialProcessor(PatternProcessor):
@@ -32,27 +54,22 @@ class RadialProcessor(PatternProcessor):
 
     method = "radial"
 
-    def __init__(self, decay_factor: float = 1.0, sink: bool = False, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto"):
-        super().__init__(dense_layers=dense_layers, dense_steps=dense_steps, backend=backend)
-        self.decay_factor, self.sink = float(decay_factor), bool(sink)
-
-    def pattern_key(self, layout: TokenLayout):
-        return ("radial", layout.grid, self.decay_factor, self.sink)
+    def __init__(self, decay_factor: float = 1.0, sink: bool = False, *, dense_layers: int = 0, dense_steps: int = 0, backend: str = "auto",
+                 placement=None):
+        super().__init__(dense_layers=dense_layers, dense_steps=dense_steps, backend=backend, placement=placement)
+        self.config = RadialConfig(decay_factor, sink, dense_layers, dense_steps, backend)
+        self.decay_factor, self.sink = self.config.decay_factor, self.config.sink
 
     def pattern(self, layout: TokenLayout):
-        return radial_grid_pattern(layout, decay_factor=self.decay_factor, sink=self.sink)
+        return radial_grid_pattern(layout, **self.config.pattern_params())
 
 
 def radial_grid_pattern(layout: TokenLayout, decay_factor=1.0, sink=False, **_):
     return radial_pattern(layout.grid, decay_factor, sink)
 
 
-def _install(model, family, context, params):
-    def make(index, name):
-        return RadialProcessor(params["decay_factor"], params["sink"], dense_layers=params["dense_layers"],
-                               dense_steps=params["dense_steps"], backend=params["backend"])
-
-    return install_processors(model, family, context, make)
+def _install(model, family, context, config: RadialConfig):
+    return install_processors(model, family, context, lambda index, name: RadialProcessor.from_config(config))
 
 
 SPEC = register(MethodSpec(
@@ -61,19 +78,7 @@ SPEC = register(MethodSpec(
     paper="Li et al., Radial Attention (NeurIPS 2025, arXiv 2506.19852)",
     families=("wan", "hunyuanvideo", "mochi"),
     kind="training-free efficiency",
-    params=(
-        Param("decay_factor", float, None, "band width scale for distant frames (per model by default)", range=(0.0, None)),
-        Param("sink", bool, None, "keep the first latent frame fully visible (Wan's attention sink)"),
-        Param("dense_layers", int, None, "keep the first N attention layers dense", range=(0, None)),
-        Param("dense_steps", int, None, "keep the first N denoising steps dense", range=(0, None)),
-        PLACEMENT[2],
-    ),
+    config=RadialConfig,
     install=_install,
     grid_pattern=radial_grid_pattern,
-    family_defaults={
-        "wan": dict(decay_factor=0.2, sink=True, dense_layers=1, dense_steps=12),
-        "wan2.2": dict(decay_factor=0.8, sink=True, dense_layers=1, dense_steps=11),
-        "hunyuanvideo": dict(decay_factor=0.95, sink=False, dense_layers=0, dense_steps=12),
-        "mochi": dict(decay_factor=0.95, sink=False, dense_layers=0, dense_steps=16),
-    },
 ))

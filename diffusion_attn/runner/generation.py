@@ -1,53 +1,31 @@
-"""Generate with a method applied, and save the result with everything needed to reproduce it.
-
-The one place that turns (model, method, parameters, prompt, seed, sizes) into frames; the CLI, the
-Gradio UI and the examples call it::
-
-    from diffusion_attn.runner import generate, save
-    result = generate("tiny-wan", "radial", {"dense_steps": 0}, prompt="a fox in the snow", steps=2)
-    save(result, "outputs/radial")          # outputs/radial.mp4 (or .gif) + outputs/radial.json
-
-Loaded pipelines are kept in a small LRU cache keyed by (model, dtype, device), so repeated calls (the UI)
-do not rebuild them; the method is always removed again after the call, so a cached pipeline stays stock.
-"""
+"""Generation: (model, method, parameters, prompt, seed, sizes) -> frames, timings and the metadata that
+reproduces the run."""
 
 from __future__ import annotations
 
-import collections
 import copy
-import json
 import math
 import platform
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-__all__ = [
-    "GenerationResult",
-    "generate",
-    "save",
-    "get_pipeline",
-    "clear_cache",
-    "set_cache_size",
-    "attention_backends",
-    "video_encoder_available",
-    "IMAGE_FAMILIES",
-    "VIDEO_FAMILIES",
-    "DTYPES",
-]
+from .backends import _UNET_BACKEND_MESSAGE, _check_backend_name, _set_attention_backend
+from .loading import _torch_dtype, check_device, get_pipeline
+
+__all__ = ["GenerationResult", "generate", "jsonable", "adapter_family", "check_method", "IMAGE_FAMILIES",
+           "VIDEO_FAMILIES", "MIN_STEPS"]
 
 #: model families (as :func:`diffusion_attn.models.model_family` names them) whose output is one image
 IMAGE_FAMILIES = ("flux", "sd3", "unet-sd15", "unet-sdxl")
 #: model families whose output is a video
 VIDEO_FAMILIES = ("wan", "hunyuanvideo", "mochi")
-#: accepted ``dtype`` strings (the ``diffusers-cli run`` spellings) -> torch dtype name
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-#: frames per second of saved videos, per family (the models' native rates)
-FPS = {"wan": 16, "hunyuanvideo": 24, "mochi": 30}
+#: fewest denoising steps a family's pipeline runs: Mochi's linear-quadratic sigma schedule splits the
+#: steps into a linear and a quadratic half and divides by the linear half's length (0 at one step)
+MIN_STEPS = {"mochi": 2}
+#: one generation at a time: apply/remove mutate the (shared, cached) pipeline
+_RUN_LOCK = threading.RLock()
 
 
 @dataclass
@@ -77,129 +55,6 @@ class GenerationResult:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Pipeline cache
-# ------------------------------------------------------------------------------------------------------
-
-_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
-_CACHE_SIZE = 2
-_CACHE_LOCK = threading.RLock()
-#: one generation at a time: apply/remove mutate the (shared, cached) pipeline
-_RUN_LOCK = threading.RLock()
-
-
-def set_cache_size(n: int) -> None:
-    """Keep at most ``n`` loaded pipelines (default 2); 0 disables caching."""
-    global _CACHE_SIZE
-    with _CACHE_LOCK:
-        _CACHE_SIZE = max(0, int(n))
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-
-
-def clear_cache() -> None:
-    """Drop every cached pipeline."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
-def _torch_dtype(dtype):
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[dtype])
-
-
-def get_pipeline(model: str, dtype="float32", device: str = "cpu"):
-    """The pipeline for ``model`` (embedded tiny model name, hub id or local folder), from the cache or
-    loaded with :func:`diffusion_attn.models.load_pipeline` and cached."""
-    from .models import EMBEDDED_MODELS, load_pipeline
-
-    tdtype = _torch_dtype(dtype)
-    key = (model, str(tdtype).replace("torch.", ""), str(device))
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-    pipe = load_pipeline(model, dtype=tdtype, device=device)
-    if model in EMBEDDED_MODELS:
-        pipe._diffusion_attn_embedded = model  # generate() then uses the tiny models' small call sizes
-    with _CACHE_LOCK:
-        if _CACHE_SIZE > 0:
-            _CACHE[key] = pipe
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-    return pipe
-
-
-# ------------------------------------------------------------------------------------------------------
-# Attention backend (diffusers' dispatcher)
-# ------------------------------------------------------------------------------------------------------
-
-
-def attention_backends() -> list[str]:
-    """The backend names diffusers' attention dispatcher accepts (``model.set_attention_backend``)."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
-    return sorted(b.value for b in AttentionBackendName)
-
-
-_UNET_BACKEND_MESSAGE = ("attention backends are not supported by {name}: its attention processors do not go through "
-                         "diffusers' attention dispatcher (UNet pipelines use the legacy attention path); omit the attention backend")
-
-
-def _check_backend_name(backend: str) -> None:
-    accepted = attention_backends()
-    if not isinstance(backend, str) or backend.lower() not in accepted:
-        from .registry import suggest
-
-        hint = suggest(backend.lower(), accepted) if isinstance(backend, str) else ""
-        raise ValueError(f"unknown attention backend {backend!r}{hint}; accepted: {', '.join(accepted)}")
-
-
-def _set_attention_backend(models: list, backend: str) -> Callable[[], None]:
-    """Set ``backend`` on every denoiser; returns the function that restores the previous state (each
-    processor's ``_attention_backend`` and the dispatcher's active backend)."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    _check_backend_name(backend)
-    missing = object()
-    saved_procs = []
-    for m in models:
-        if not hasattr(m, "set_attention_backend"):
-            raise ValueError(f"{type(m).__name__} has no set_attention_backend; attention backends need diffusers >= 0.35")
-        procs = [mod.processor for mod in m.modules() if getattr(mod, "processor", None) is not None]
-        procs = [p for p in procs if hasattr(p, "_attention_backend")]
-        if not procs:
-            raise ValueError(_UNET_BACKEND_MESSAGE.format(name=type(m).__name__))
-        saved_procs.extend((p, p.__dict__.get("_attention_backend", missing)) for p in procs)
-    saved_active = _AttentionBackendRegistry._active_backend
-
-    def restore() -> None:
-        for p, value in saved_procs:
-            if value is missing:
-                p.__dict__.pop("_attention_backend", None)
-            else:
-                p._attention_backend = value
-        _AttentionBackendRegistry._active_backend = saved_active
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for m in models:
-                m.set_attention_backend(backend.lower())
-    except (RuntimeError, ImportError) as e:
-        restore()
-        raise ValueError(f"attention backend {backend!r} cannot be used here: {e}") from None
-    except BaseException:
-        restore()
-        raise
-    return restore
-
-
-# ------------------------------------------------------------------------------------------------------
 # Generation
 # ------------------------------------------------------------------------------------------------------
 
@@ -226,7 +81,7 @@ def check_method(method: str, family: str | None):
     """The method's spec (None for "none"); fails early when the method does not support ``family``."""
     if method in (None, "none"):
         return None
-    from .registry import get_method
+    from ..registry import get_method
 
     spec = get_method(method)
     if family is not None and adapter_family(family) not in spec.families:
@@ -234,11 +89,18 @@ def check_method(method: str, family: str | None):
     return spec
 
 
+def _check_steps(family: str | None, steps) -> None:
+    need = MIN_STEPS.get(family, 1)
+    if int(steps) < need:
+        raise ValueError(f"{family} pipelines need at least {need} denoising steps (Mochi's sigma schedule divides "
+                         f"by half the step count), got steps={int(steps)}")
+
+
 def _versions() -> dict:
     import diffusers
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     return {"diffusion_attn": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__,
             "python": platform.python_version()}
@@ -313,8 +175,8 @@ def generate(
     """
     import torch
 
-    from .api import apply, denoisers
-    from .models import EMBEDDED_MODELS, default_call_kwargs, model_family
+    from ..api import apply, denoisers
+    from ..models import EMBEDDED_MODELS, default_call_kwargs, model_family
 
     method = method or "none"
     params = {k: v for k, v in (params or {}).items() if v is not None}  # None = "default", as in the UI
@@ -325,6 +187,9 @@ def generate(
     # fail before loading anything when we can tell the family from the name
     early_family = EMBEDDED_MODELS[model].family if isinstance(model, str) and model in EMBEDDED_MODELS else None
     spec = check_method(method, early_family)
+    _check_steps(early_family, steps)
+    if isinstance(model, str):
+        check_device(device)
     if attention_backend is not None:
         _check_backend_name(attention_backend)
         if early_family is not None and early_family.startswith("unet"):
@@ -334,6 +199,7 @@ def generate(
     family = model_family(pipe)
     if spec is not None:
         check_method(method, family)
+    _check_steps(family, steps)
     is_video_family = family in VIDEO_FAMILIES
     overrides: dict[str, Any] = {"num_inference_steps": int(steps)}
     for key, value in (("height", height), ("width", width), ("guidance_scale", guidance_scale)):
@@ -424,64 +290,3 @@ def generate(
     }
     return GenerationResult(frames=frames, is_video=is_video, family=family, method=meta["method"], params=params_out,
                             seconds=seconds, seconds_per_step=loop / n_steps, meta=meta)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Saving
-# ------------------------------------------------------------------------------------------------------
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def video_encoder_available() -> bool:
-    """Whether ``diffusers.utils.export_to_video`` can write MP4 here (imageio + imageio-ffmpeg, or OpenCV)."""
-    import importlib.util
-
-    if importlib.util.find_spec("imageio") is not None and importlib.util.find_spec("imageio_ffmpeg") is not None:
-        return True
-    return importlib.util.find_spec("cv2") is not None
-
-
-def _save_frames(frames: list, is_video: bool, path: Path, meta: dict, fps: int) -> Path:
-    """Write ``frames`` to ``path`` (suffix adjusted to what is written) and the JSON sidecar."""
-    from PIL.PngImagePlugin import PngInfo
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if not is_video:
-        if suffix not in IMAGE_SUFFIXES:
-            path, suffix = path.with_suffix(".png"), ".png"
-        if suffix == ".png":
-            info = PngInfo()
-            info.add_text("diffusion_attn", json.dumps(jsonable(meta)))
-            frames[0].save(path, pnginfo=info)
-        else:
-            frames[0].convert("RGB").save(path)
-    else:
-        want_mp4 = suffix == ".mp4" or suffix != ".gif"
-        if want_mp4 and video_encoder_available():
-            from diffusers.utils import export_to_video
-
-            path = path.with_suffix(".mp4")
-            export_to_video(frames, str(path), fps=fps)
-        else:
-            if suffix == ".mp4":
-                warnings.warn("no MP4 encoder (install imageio and imageio-ffmpeg, or opencv-python); writing a GIF instead",
-                              stacklevel=3)
-            path = path.with_suffix(".gif")
-            frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(1, round(1000 / fps)), loop=0)
-    path.with_suffix(".json").write_text(json.dumps(jsonable({**meta, "output": path.name}), indent=2))
-    return path
-
-
-def save(result: GenerationResult, path, *, fps: int | None = None) -> Path:
-    """Save ``result`` and a JSON sidecar (``<path>.json``); returns the path written.
-
-    Images: PNG (the metadata also in a ``diffusion_attn`` text chunk), or JPEG/WebP when ``path`` ends
-    so. Videos: MP4 through ``diffusers.utils.export_to_video`` when an encoder is importable (imageio +
-    imageio-ffmpeg, or OpenCV), else an animated GIF; ``.gif`` forces a GIF. The suffix of ``path`` is
-    replaced by the format written. ``fps``: default the model family's native rate.
-    """
-    fps = fps or FPS.get(result.family, 16)
-    return _save_frames(result.frames, result.is_video, Path(path), result.meta, fps)

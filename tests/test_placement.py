@@ -1,0 +1,98 @@
+"""Placement: layers, steps (indices and schedule fractions), branches and heads, and that the first
+version's dense_layers / dense_steps keep their meaning through it."""
+
+import pytest
+import torch
+
+import diffusion_attn as da
+from diffusion_attn.adapters import layer_kind
+from diffusion_attn.placement import Placement, StepWindow, Where
+
+
+def test_from_dense_is_the_first_versions_rule():
+    p = Placement.from_dense(dense_layers=2, dense_steps=3)
+    on = {(layer, step) for layer in range(4) for step in range(5)
+          if p.active(Where(layer=layer, step=step, num_steps=5))}
+    assert on == {(layer, step) for layer in (2, 3) for step in (3, 4)}
+    assert Placement.from_dense().active(Where(layer=0, step=0))
+    assert Placement().describe() == "everywhere"
+
+
+def test_layer_selectors_indices_ranges_kinds():
+    p = Placement(layers=(0, range(4, 6), "single"), skip_layers=(5,))
+    assert [i for i in range(8) if p.layer_on(i, "double")] == [0, 4]
+    assert [i for i in range(8) if p.layer_on(i, "single")] == [0, 1, 2, 3, 4, 6, 7]
+    assert Placement(layers="up").layer_on(3, "up") and not Placement(layers="up").layer_on(3, "down")
+
+
+def test_layer_kinds_from_diffusers_names():
+    assert layer_kind("transformer_blocks.0.attn.processor") == "double"
+    assert layer_kind("single_transformer_blocks.3.attn.processor") == "single"
+    assert layer_kind("down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor") == "down"
+    assert layer_kind("mid_block.attentions.0.transformer_blocks.0.attn1.processor") == "mid"
+    assert layer_kind("up_blocks.3.attentions.2.transformer_blocks.0.attn1.processor") == "up"
+    assert layer_kind("blocks.7.attn1.processor") == "block"
+
+
+def test_step_windows_by_index_and_by_fraction():
+    by_index = StepWindow(2, 5)
+    assert [s for s in range(8) if by_index.contains(s, 8)] == [2, 3, 4]
+    by_fraction = StepWindow(0.25, 0.5)
+    assert [s for s in range(8) if by_fraction.contains(s, 8)] == [2, 3]
+    # the schedule position given directly (ComfyUI's sigmas): the window survives a sampler split
+    assert by_fraction.contains(None, fraction=0.3) and not by_fraction.contains(None, fraction=0.5)
+    assert StepWindow().contains(None)
+    with pytest.raises(ValueError, match="number of steps"):
+        by_fraction.contains(3)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, float("nan"), "3", True])
+def test_step_window_rejects_bad_bounds(bad):
+    with pytest.raises(ValueError, match="StepWindow"):
+        StepWindow(bad)
+
+
+def test_branches_and_heads():
+    p = Placement(branches=("uncond", "perturbed"), heads=(3, 1, 3))
+    assert p.branch_on("perturbed") and not p.branch_on("cond") and not p.branch_on(None)
+    assert Placement().branch_on(None)
+    assert p.heads == (1, 3)
+    assert p.head_mask(4).tolist() == [False, True, False, True]
+    assert Placement().head_mask(4) is None
+    with pytest.raises(ValueError, match="has 2 heads"):
+        p.head_mask(2)
+    with pytest.raises(ValueError, match="branches"):
+        Placement(branches=("conditional",))
+    with pytest.raises(ValueError, match="heads"):
+        Placement(heads=())
+    with pytest.raises(ValueError, match="layer kind"):
+        Placement(layers=("encoder",))
+
+
+def test_processor_placement_by_kind_on_flux():
+    """GNA placed on Flux's single-stream blocks only equals GNA installed on those blocks alone, with
+    the stock processors left on the double-stream blocks; and differs from GNA everywhere."""
+    from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
+
+    pipe = build_pipeline("tiny-flux")
+    model = pipe.transformer
+    run = lambda: pipe(prompt="a fox", generator=torch.Generator().manual_seed(0), **default_call_kwargs("flux"))[0]  # noqa: E731
+    original = dict(model.attn_processors)
+    assert {layer_kind(n) for n in original} == {"double", "single"}
+    try:
+        model.set_attn_processor(da.GNAProcessor(window=3, placement=Placement(layers="single")))
+        handle = da.attach(model)
+        placed = run()
+        handle.remove()
+        only_single = {n: (da.GNAProcessor(window=3) if layer_kind(n) == "single" else p) for n, p in original.items()}
+        model.set_attn_processor(only_single)
+        handle = da.attach(model)
+        assert torch.equal(run(), placed)
+        handle.remove()
+        model.set_attn_processor(da.GNAProcessor(window=3))
+        handle = da.attach(model)
+        everywhere = run()
+        handle.remove()
+    finally:
+        model.set_attn_processor(original)
+    assert not torch.allclose(everywhere, placed)
