@@ -409,3 +409,61 @@ def test_gradients_equal_reference(name, device):
     want = grads(lambda q_, k_, v_: reference_sdpa(q_, k_, v_, mask))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# -- the pattern protocol of diffusion_attn.patterns (grid patterns, MaskMods, dynamic patterns) ------
+
+
+def test_protocol_circular_window_above_2048_tokens(monkeypatch):
+    """B3 with the package's own CircularWindow (a grid pattern with no box / block capability), as it
+    is and as a sequence MaskMod: auto runs it (chunked without flex), equal to SDPA with the explicit mask."""
+    from diffusion_attn.patterns import CircularWindow, as_sequence_pattern
+
+    no_flex(monkeypatch)
+    layout = TokenLayout((48, 48), 16, "last")
+    grid_pattern = CircularWindow((48, 48), 5.0)
+    q, k, v = qkv(layout, batch=1, heads=2, dim=8)
+    h, w = layout.grid
+    yx = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2).float()
+    mask = torch.ones(layout.num_tokens, layout.num_tokens, dtype=torch.bool)
+    mask[layout.image_slice, layout.image_slice] = ((yx[:, None] - yx[None]) ** 2).sum(-1) < 25.0
+    ref = reference_sdpa(q, k, v, mask)
+    for pattern in (grid_pattern, as_sequence_pattern(grid_pattern, layout)):
+        assert kernels.choose_backend(pattern, layout) == "chunked"
+        torch.testing.assert_close(pattern_attention(q, k, v, pattern, layout), ref, atol=ATOL, rtol=1e-5)
+
+
+def test_protocol_text_dense_box_runs_the_grid_kernels():
+    """A box pattern handed over as a sequence MaskMod (``as_sequence_pattern``) picks the same backend
+    and gives bit-identical output to the box pattern itself."""
+    from diffusion_attn.patterns import as_sequence_pattern
+
+    for pattern, layout in [
+        (neighborhood_pattern((6, 30, 26), (3, 15, 13), (1, 5, 13)), TokenLayout((6, 30, 26), 8, "first")),
+        (neighborhood_pattern((6, 30, 26), (3, 15, 13), (3, 15, 13)), TokenLayout((6, 30, 26), 8, "last")),
+        (radial_pattern((4, 8, 8), 0.5, True), TokenLayout((4, 8, 8), 5)),
+    ]:
+        seq = as_sequence_pattern(pattern, layout)
+        assert kernels.choose_backend(seq, layout) == kernels.choose_backend(pattern, layout)
+        q, k, v = qkv(layout, batch=1, heads=1, dim=8)
+        assert torch.equal(pattern_attention(q, k, v, seq, layout), pattern_attention(q, k, v, pattern, layout))
+
+
+def test_protocol_dynamic_pattern_is_resolved_per_call():
+    """A dynamic pattern (top-k key blocks chosen from q and k, head- and batch-dependent) is resolved
+    per call and never cached; equals SDPA with the resolved pattern's explicit mask."""
+    from diffusion_attn.patterns import TopKKeyBlocks
+
+    layout = TokenLayout((6, 10), 4, "first")
+    pattern = TopKKeyBlocks(block_size=8, top_k=2)
+    q, k, v = qkv(layout, batch=2, heads=2, dim=8)
+    mask = pattern.resolve(q, k, layout).dense_mask(batch=2, heads=2)
+    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    ref = o.transpose(1, 2)
+    torch.testing.assert_close(pattern_attention(q, k, v, pattern, layout), ref, atol=ATOL, rtol=1e-5)
+    cached = CountingCache()
+    out = kernels.prepared_attention(q, k, v, pattern, layout, cached=cached, key="topk", backend="chunked")
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-5)
+    assert cached.builds == []
+    with pytest.raises(ValueError, match="runs box patterns .*; backends that can: auto, reference, chunked$"):
+        kernels.choose_backend(pattern, layout, "gather")

@@ -11,7 +11,7 @@ import torch
 
 from ..layout import TokenLayout
 from .backend import Backend, Request
-from .capabilities import capabilities_of
+from .capabilities import capabilities_of, resolve_dynamic
 from .flex import FLEX_MIN_TOKENS, FlexPrepared, block_occupancy, flex_attention_call, flex_available, flex_block_mask
 from .gather import gather_attention
 from .reference import SMALL_SEQUENCE, check_inputs, full_mask, masked_attention, sdpa, text_query_attention
@@ -86,6 +86,7 @@ def pattern_attention(
     if backend != "auto":
         get_backend(backend)
     kpm = check_inputs(q, k, layout, key_padding_mask)
+    pattern = resolve_dynamic(pattern, q, k, layout)
     request = Request.make(pattern, layout, q=q, k=k, v=v)
     chosen = resolve(request, backend)
     given = {"gather": schedule, "strips": strips, "windows": window_plan, "xformers": window_plan,
@@ -106,10 +107,12 @@ def prepared_attention(q, k, v, pattern, layout: TokenLayout, *, cached, key, ke
     if backend != "auto":
         get_backend(backend)
     kpm = check_inputs(q, k, layout, key_padding_mask)
+    dynamic = "dynamic" in capabilities_of(pattern)
+    pattern = resolve_dynamic(pattern, q, k, layout)
     request = Request.make(pattern, layout, q=q, k=k, v=v, pattern_key=key)
     chosen = resolve(request, backend)
     prepared = None
     if chosen.prepare is not None:
         build = lambda: chosen.prepare(request)  # noqa: E731
-        prepared = build() if "dynamic" in request.capabilities else cached(chosen.cache_key(request), build)
+        prepared = build() if dynamic else cached(chosen.cache_key(request), build)
     return chosen.run(q, k, v, request, prepared, kpm, scale)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..layout import TokenLayout
-from .capabilities import capabilities_of
+from .capabilities import capabilities_of, is_full_on
 
 __all__ = ["Backend", "Request"]
 
@@ -61,7 +61,7 @@ class Request:
 
     @property
     def is_full(self) -> bool:
-        return bool(self.pattern.is_full())
+        return is_full_on(self.pattern, self.layout)
 
     def key(self) -> tuple:
         """Every compared field, in declaration order: what anything built for this request depends on."""

@@ -22,10 +22,10 @@ The pattern protocol (``diffusion_attn.patterns``) is being opened up: patterns 
 module derives both from today's classes; it is the only place in ``kernels/`` that looks at pattern
 types, so the merge is a change here.
 
-Today's patterns are defined on the grid (``dense_mask()`` is (N_img, N_img), ``allowed_fn(device)`` a
-predicate on flattened grid indices) and text rows / columns are dense. A pattern may instead be defined
-on the whole sequence: ``dense_mask()`` (S, S) and/or ``mask_mod(b, h, q_idx, kv_idx)`` on sequence
-indices, text included. :func:`sequence_mask_mod` and :func:`sequence_dense_mask` accept both.
+Grid patterns (box, block, circular) are defined on the grid (``dense_mask()`` is (N_img, N_img),
+``allowed_fn(device)`` a predicate on flattened grid indices) and text rows / columns are dense. A pattern
+with the ``"mask_mod"`` capability is defined on the whole sequence: ``dense_mask()`` (S, S) and
+``mask_mod(b, h, q_idx, kv_idx)`` (or ``bind(layout, device)``) on sequence indices, text included. :func:`sequence_mask_mod` and :func:`sequence_dense_mask` accept both.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import torch
 from ..layout import TokenLayout
 from ..patterns.base import BlockPattern, BoxPattern
 
-__all__ = ["CAPABILITIES", "capabilities_of", "grid_pattern_of", "sequence_dense_mask", "sequence_mask_mod",
-           "window_plan_of"]
+__all__ = ["CAPABILITIES", "capabilities_of", "grid_pattern_of", "is_full_on", "resolve_dynamic",
+           "sequence_dense_mask", "sequence_mask_mod", "window_plan_of"]
 
 CAPABILITIES = frozenset({"box", "block", "partition", "mask_mod", "head_dependent", "batch_dependent", "dynamic"})
 
@@ -72,10 +72,41 @@ def window_plan_of(pattern):
     return plan
 
 
+#: pattern object -> {layout: is_full}: a sequence predicate answers by evaluating itself (S^2 work)
+_FULL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def is_full_on(pattern, layout: TokenLayout) -> bool:
+    """Whether ``pattern`` allows every pair on ``layout``: a grid pattern answers itself; a sequence
+    predicate (``"mask_mod"``) is asked with the layout, once per pattern object and layout."""
+    caps = capabilities_of(pattern)
+    grid = grid_pattern_of(pattern)
+    if grid is not None and caps & {"box", "block"}:  # text-dense around its grid form: the grid decides
+        return bool(grid.is_full())
+    if "mask_mod" not in caps or not hasattr(pattern, "bind"):
+        return bool(pattern.is_full())
+    try:
+        memo = _FULL.setdefault(pattern, {})
+    except TypeError:  # not weak-referenceable
+        return bool(pattern.is_full(layout))
+    if layout not in memo:
+        memo[layout] = bool(pattern.is_full(layout))
+    return memo[layout]
+
+
+def resolve_dynamic(pattern, q, k, layout: TokenLayout):
+    """A ``"dynamic"`` pattern chosen from this call's q and k (``pattern.resolve(q, k, layout)``, the
+    protocol of :mod:`diffusion_attn.patterns.dynamic`); any other pattern as it is."""
+    if "dynamic" in capabilities_of(pattern) and hasattr(pattern, "resolve"):
+        return pattern.resolve(q, k, layout)
+    return pattern
+
+
 def capabilities_of(pattern) -> frozenset:
-    """The capability names of ``pattern`` (module docstring). Declared ones (``pattern.capabilities``)
-    win; otherwise: BoxPattern -> box (+ partition), BlockPattern -> block, ``mask_mod`` -> mask_mod,
-    anything else (a dense mask only) -> none."""
+    """The capability names of ``pattern`` (module docstring). Declared ones (``pattern.capabilities``, the
+    pattern protocol of :mod:`diffusion_attn.patterns.mask_mod`) win; otherwise: BoxPattern -> box
+    (+ partition), BlockPattern -> block, a callable ``mask_mod`` -> mask_mod (over the sequence), anything
+    else (a grid predicate or a dense mask only) -> none."""
     declared = getattr(pattern, "capabilities", None)
     if declared is not None:
         caps = frozenset(declared() if callable(declared) else declared)
@@ -108,11 +139,12 @@ def sequence_mask_mod(pattern, layout: TokenLayout, key_padding_mask: torch.Tens
     box, block and today's generic patterns) gets dense text rows and columns. Otherwise the dense mask
     is looked up (an (N, N) grid mask or an (S, S) sequence mask). Padded text keys are masked
     (``key_padding_mask`` (B, S), True = real)."""
-    own = getattr(pattern, "mask_mod", None)
-    if callable(own):
+    if "mask_mod" in capabilities_of(pattern):  # a predicate over the whole sequence
+        own = pattern.bind(layout, device) if hasattr(pattern, "bind") else pattern.mask_mod
+
         def base(b, h, qi, ki):
             return own(_index(b, qi), _index(h, qi), qi, ki)
-    elif hasattr(pattern, "allowed_fn"):
+    elif hasattr(pattern, "allowed_fn"):  # a grid predicate: text rows and columns dense
         off, n = layout.image_slice.start, layout.num_image
         allowed = pattern.allowed_fn(device)
 
@@ -140,7 +172,10 @@ def sequence_dense_mask(pattern, layout: TokenLayout) -> torch.Tensor:
     """The (S, S) boolean mask of the pattern on ``layout`` (grid masks get dense text rows / columns)."""
     from .reference import full_mask
 
-    m = pattern.dense_mask()
+    if "mask_mod" in capabilities_of(pattern) and hasattr(pattern, "bind"):  # the protocol's MaskMod
+        m = pattern.dense_mask(layout)
+    else:
+        m = pattern.dense_mask()
     S, n = layout.num_tokens, layout.num_image
     if tuple(m.shape) == (S, S):
         return m.bool()

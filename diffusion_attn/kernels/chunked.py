@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend
-from .capabilities import sequence_dense_mask, sequence_mask_mod
+from .capabilities import capabilities_of, sequence_dense_mask, sequence_mask_mod
 from .reference import sdpa
 
 __all__ = ["BACKEND", "chunked_attention"]
 
 
 def _needs_dense(pattern) -> bool:
-    return not callable(getattr(pattern, "mask_mod", None)) and not hasattr(pattern, "allowed_fn")
+    """Whether the pattern has nothing but ``dense_mask()`` (no sequence predicate, no grid predicate)."""
+    return "mask_mod" not in capabilities_of(pattern) and not hasattr(pattern, "allowed_fn")
 
 
 def chunked_attention(q, k, v, request, key_padding_mask=None, scale=None, *, dense=None,
