@@ -210,8 +210,24 @@ def check_backend_wiring():
         out = kernels.prepared_attention(q, k, v, pattern, layout, cached=cached, key="block16", key_padding_mask=kpm,
                                          backend="triton")
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
-    assert sorted(builds) == ["flex-occupancy", "triton-layout"]
+    assert builds == ["triton"]  # the tile layout, padding applied per call
     assert kernels.choose_backend(pattern, layout, "auto", "cpu") != "triton"  # auto: CUDA only
+
+
+def check_cache_follows_text_length():
+    """B5: one cache and one pattern key, the same grid with two text lengths: the tile layout is built
+    per layout (it used to be cached per grid and was refused: 'must agree')."""
+    from diffusion_attn import kernels
+
+    grid = (5, 8, 9)
+    pattern = radial_pattern(grid, 0.5, True)
+    cached = CountingCache()
+    for text in (21, 30, 21):
+        layout = TokenLayout(grid, text, "first")
+        q, k, v = qkv(layout, heads=1, dim=16)
+        out = kernels.prepared_attention(q, k, v, pattern, layout, cached=cached, key=("radial", grid), backend="triton")
+        torch.testing.assert_close(out, masked_attention(q, k, v, pattern.dense_mask(), layout), atol=2e-6, rtol=1e-5)
+    assert cached.builds == ["triton", "triton"]
 
 
 #: case id -> check() arguments. fp32: tight tolerance; fp16 / bf16: looser. Block 64 with text first
@@ -229,7 +245,8 @@ KERNEL_CASES = {
     "fp16-block16-text-first-d128": dict(name="block16-text-first", dtype="float16", dim=128),
     "bf16-gna2d-text-first": dict(name="gna2d-dilated-text-first", dtype="bfloat16"),
 }
-OTHER_CASES = {"fp32-strided-head-dim-40": check_strided_odd_head_dim, "backend-wiring": check_backend_wiring}
+OTHER_CASES = {"fp32-strided-head-dim-40": check_strided_odd_head_dim, "backend-wiring": check_backend_wiring,
+               "cache-follows-text-length": check_cache_follows_text_length}
 
 
 def run_cases(ids):

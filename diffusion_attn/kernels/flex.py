@@ -15,15 +15,24 @@ backend choice then falls back to the gather kernel.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from ..layout import TokenLayout
 from ..patterns.base import BlockPattern
+from .backend import Backend
+from .capabilities import grid_pattern_of, sequence_mask_mod
+from .reference import SMALL_SEQUENCE
 
-__all__ = ["FLEX_BLOCK", "flex_available", "flex_block_mask", "flex_attention_call", "block_occupancy"]
+__all__ = ["BACKEND", "FLEX_BLOCK", "FLEX_MIN_TOKENS", "flex_available", "flex_block_mask", "flex_attention_call",
+           "block_occupancy", "sequence_mask_mod"]
 
 FLEX_BLOCK = 128
+
+#: From this many tokens ``auto`` sends block patterns to compiled FlexAttention (its compile, ~15-60 s per
+#: shape on CPU, is paid once per process and layout; below this the gather kernel is as fast).
+FLEX_MIN_TOKENS = 8192
 
 #: compiled variants kept per process; each new sequence shape compiles once
 _RECOMPILE_LIMIT = 64
@@ -59,24 +68,6 @@ def flex_available(device_type: str = "cpu") -> bool:
 def _sequence_index(layout: TokenLayout) -> tuple[int, int]:
     """(first image token, image token count) in the sequence."""
     return layout.image_slice.start, layout.num_image
-
-
-def sequence_mask_mod(pattern, layout: TokenLayout, key_padding_mask: torch.Tensor | None = None, device=None):
-    """The FlexAttention ``mask_mod`` of a pattern on a layout: text rows and columns are dense, grid
-    pairs follow ``pattern.allowed``, padded text keys are masked (``key_padding_mask`` (B, S), True = real)."""
-    off, n = _sequence_index(layout)
-    allowed = pattern.allowed_fn(device)
-
-    def mask_mod(b, h, qi, ki):
-        qg, kg = qi - off, ki - off
-        q_img = (qg >= 0) & (qg < n)
-        k_img = (kg >= 0) & (kg < n)
-        ok = allowed(qg.clamp(0, n - 1), kg.clamp(0, n - 1)) | ~q_img | ~k_img
-        if key_padding_mask is not None:
-            ok = ok & key_padding_mask[b, ki]
-        return ok
-
-    return mask_mod
 
 
 def block_occupancy(pattern, layout: TokenLayout, block: int = FLEX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,3 +165,60 @@ def flex_attention_call(q, k, v, block_mask, scale: float | None = None) -> torc
         return fa(q, k, v, block_mask=block_mask, scale=scale)
 
 
+
+
+@dataclass
+class FlexPrepared:
+    """What the flex backend keeps per layout: the tile occupancy and the BlockMask without padding (a
+    padded call builds its own from the occupancy). ``as_given``: a BlockMask handed in by the caller,
+    used as it is."""
+
+    occupancy: tuple | None
+    block_mask: object
+    as_given: bool = False
+
+
+def _available(device_type: str):
+    if flex_available(device_type):
+        return None
+    return (f"backend='flex' needs torch.compile to work on {device_type} (torch >= 2.5 and, on CPU, "
+            "a C++ compiler)")
+
+
+def _check(request):
+    if request.requires_grad and request.device_type == "cpu":  # torch raises NotImplementedError
+        return "backend='flex' has no backward on CPU (FlexAttention's own limit); inputs that require grad need another backend"
+    return None
+
+
+def _prepare(request):
+    pattern = grid_pattern_of(request.pattern) or request.pattern
+    occupancy = block_occupancy(pattern, request.layout)
+    return FlexPrepared(occupancy, flex_block_mask(pattern, request.layout, device=request.device, occupancy=occupancy))
+
+
+def _run(q, k, v, request, prepared, key_padding_mask, scale):
+    pattern = grid_pattern_of(request.pattern) or request.pattern
+    if prepared is None:
+        block_mask = flex_block_mask(pattern, request.layout, key_padding_mask=key_padding_mask, device=q.device)
+    elif prepared.as_given or key_padding_mask is None:
+        block_mask = prepared.block_mask
+    else:  # padding: the text columns become partial tiles; cheap from the cached occupancy
+        block_mask = flex_block_mask(pattern, request.layout, key_padding_mask=key_padding_mask, device=q.device,
+                                     occupancy=prepared.occupancy)
+    out = flex_attention_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask, scale)
+    return out.transpose(1, 2)
+
+
+def _auto(request) -> bool:
+    caps = request.capabilities
+    if "block" in caps:
+        return request.num_tokens >= FLEX_MIN_TOKENS
+    return "box" not in caps and request.num_tokens > SMALL_SEQUENCE  # generic patterns: no tiled kernel
+
+
+BACKEND = Backend(
+    "flex", "compiled FlexAttention, which skips masked blocks (any pattern with a mask; auto: block patterns "
+    f"from {FLEX_MIN_TOKENS} tokens, generic ones past {SMALL_SEQUENCE})", _run,
+    handles=frozenset({"dynamic"}), available=_available, check=_check, prepare=_prepare, auto=_auto,
+)

@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns.base import Schedule
+from .backend import Backend
+from .capabilities import grid_pattern_of
+from .reference import text_query_attention
 
-__all__ = ["gather_attention"]
+__all__ = ["BACKEND", "gather_attention", "grid_with_text"]
 
 
 def gather_attention(
@@ -75,3 +78,41 @@ def gather_attention(
             )
             out[:, qi] = o.view(B, g, H, tq, -1).permute(0, 1, 3, 2, 4)
     return out
+
+
+def grid_with_text(q, k, v, layout, key_padding_mask, scale, grid_kernel):
+    """A grid kernel's contract (grid queries over grid keys plus the text keys as extra dense keys)
+    applied to a whole sequence: ``grid_kernel(q_img, k_img, v_img, extra_k=, extra_v=, extra_valid=,
+    scale=)`` for the grid queries, plain SDPA for the text queries."""
+    img, txt = layout.image_slice, layout.text_slice
+    has_text = layout.text_len > 0
+    out_img = grid_kernel(
+        q[:, img], k[:, img], v[:, img],
+        extra_k=k[:, txt] if has_text else None,
+        extra_v=v[:, txt] if has_text else None,
+        extra_valid=None if key_padding_mask is None else key_padding_mask[:, txt],
+        scale=scale,
+    )
+    if not has_text:
+        return out_img
+    out_txt = text_query_attention(q, k, v, layout, key_padding_mask, scale)
+    parts = [out_txt, out_img] if layout.text_position == "first" else [out_img, out_txt]
+    return torch.cat(parts, dim=1)
+
+
+def _prepare(request):
+    from .tiling import build_schedule
+
+    return build_schedule(grid_pattern_of(request.pattern)).to(request.device or "cpu")
+
+
+def _run(q, k, v, request, prepared, key_padding_mask, scale):
+    schedule = prepared if prepared is not None else _prepare(request)
+    return grid_with_text(q, k, v, request.layout, key_padding_mask, scale,
+                          lambda *a, **kw: gather_attention(*a, schedule, **kw))
+
+
+BACKEND = Backend(
+    "gather", "tiled gather + SDPA: box and block patterns, any device, any length", _run,
+    needs=(("box",), ("block",)), prepare=_prepare, auto=lambda r: True,
+)

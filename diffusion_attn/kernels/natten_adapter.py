@@ -36,9 +36,11 @@ import torch
 from ..layout import TokenLayout
 from ..patterns.base import BoxPattern
 from ..patterns.neighborhood import neighborhood_axis
+from .backend import Backend
+from .capabilities import grid_pattern_of
 from .reference import check_inputs, text_query_attention
 
-__all__ = ["GNAParams", "available", "can_run", "gna_params", "natten_attention", "require", "supports"]
+__all__ = ["BACKEND", "GNAParams", "available", "can_run", "gna_params", "natten_attention", "require", "supports"]
 
 INSTALL_HINT = 'pip install "diffusion-attn[natten]"'
 MIN_VERSION = (0, 20)
@@ -218,3 +220,43 @@ def natten_attention(
     if layout.text_len:
         out[:, txt] = text_query_attention(q, k, v, layout, kpm, scale)
     return out
+
+
+def _available(device_type: str):
+    try:
+        require()
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def _check(request):
+    pattern = grid_pattern_of(request.pattern)
+    if not supports(pattern, request.layout):
+        return ("backend='natten' runs generalized neighborhood attention patterns only "
+                "(GNA, optionally cyclically shifted)")
+    if min(gna_params(pattern).window) < 2:
+        return "backend='natten' needs windows of at least 2 on every axis (NATTEN's limit)"
+    if request.requires_grad and request.device_type == "cpu":  # NATTEN runs uncompiled flex on CPU
+        return "backend='natten' has no backward on CPU (NATTEN runs FlexAttention there); inputs that require grad need another backend"
+    if request.dtype is not None and request.head_dim is not None:  # ask NATTEN's own backend chooser
+        x = torch.empty(1, request.layout.num_image, 1, request.head_dim, device=request.device, dtype=request.dtype)
+        if not can_run(x, TokenLayout(request.layout.grid)):
+            return (f"backend='natten': the installed NATTEN has no kernel for {str(request.dtype).replace('torch.', '')} "
+                    f"head size {request.head_dim} on {request.device_type}")
+    return None
+
+
+def _prepare(request):
+    return gna_params(grid_pattern_of(request.pattern))
+
+
+def _run(q, k, v, request, prepared, key_padding_mask, scale):
+    return natten_attention(q, k, v, grid_pattern_of(request.pattern), request.layout,
+                            key_padding_mask=key_padding_mask, scale=scale, params=prepared)
+
+
+BACKEND = Backend(
+    "natten", "NATTEN's na1d/na2d/na3d for GNA patterns, text as additional keys (opt-in; fast on CUDA)", _run,
+    needs=(("box",),), value_dim=False, available=_available, check=_check, prepare=_prepare,
+)

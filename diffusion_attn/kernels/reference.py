@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import TokenLayout
+from .backend import Backend
 
-__all__ = ["check_inputs", "full_mask", "masked_attention", "sdpa", "text_query_attention"]
+__all__ = ["BACKEND", "check_inputs", "full_mask", "masked_attention", "sdpa", "text_query_attention"]
+
+#: ``auto`` uses the reference up to this many tokens (below it the masked dense call is cheaper than
+#: gathering tiles).
+SMALL_SEQUENCE = 2048
 
 
 def check_inputs(q, k, layout: TokenLayout, key_padding_mask=None):
@@ -55,3 +60,27 @@ def masked_attention(q, k, v, grid_mask, layout: TokenLayout, key_padding_mask=N
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :].bool()
     return sdpa(q, k, v, mask, scale)
+
+
+def _run(q, k, v, request, prepared, key_padding_mask, scale):
+    from .capabilities import grid_pattern_of, sequence_dense_mask
+    from .chunked import chunked_attention
+
+    pattern, layout = request.pattern, request.layout
+    grid = grid_pattern_of(pattern)
+    if grid is not None:  # box / block: the grid mask, text dense
+        return masked_attention(q, k, v, grid.dense_mask(), layout, key_padding_mask, scale)
+    if not request.capabilities & {"head_dependent", "batch_dependent"} and hasattr(pattern, "dense_mask"):
+        mask = sequence_dense_mask(pattern, layout).to(q.device)[None, None]
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask[:, None, None, :].bool()
+        return sdpa(q, k, v, mask, scale)
+    # a head- or batch-dependent predicate: its mask rows, in one chunk
+    return chunked_attention(q, k, v, request, key_padding_mask, scale, max_rows=layout.num_tokens)
+
+
+BACKEND = Backend(
+    "reference", "SDPA with the pattern's full boolean mask (S x S; the oracle, small sequences)", _run,
+    handles=frozenset({"head_dependent", "batch_dependent", "dynamic"}),
+    auto=lambda r: r.num_tokens <= SMALL_SEQUENCE,
+)

@@ -29,9 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns.base import RUNS, AxisTiles, BoxPattern, PairCounts, combined_mask_fn, mask_fn_on, outer_combine
+from .backend import Backend
+from .capabilities import grid_pattern_of
+from .reference import SMALL_SEQUENCE
 from .tiling import axis_options
 
-__all__ = ["StripPlan", "strip_plan", "strip_attention", "attention_lse"]
+__all__ = ["BACKEND", "StripPlan", "strip_plan", "strip_attention", "attention_lse"]
 
 #: Modelled cost of gathering one key row into a column, in (query, key) pairs.
 KEY_COPY_COST = 4.0
@@ -155,11 +158,13 @@ def strip_plan(pattern: BoxPattern, axis: int | None = None, tiles: tuple | None
 
 def attention_lse(q, k, v, mask=None, scale=None):
     """SDPA that also returns the log-sum-exp of each query's scores: ``(out, lse)``, ``lse`` float32
-    (B, H, L). ``q, k, v``: (B, H, L, D) (strided views are fine); ``mask``: boolean, broadcastable to
-    (B, H, Lq, Lk), True = attend. On CPU this is ATen's flash kernel; elsewhere, and whenever autograd
-    records (the flash kernel's backward ignores the gradient of its LSE output), an explicit softmax."""
+    (B, H, L). ``q, k, v``: (B, H, L, D) (strided views are fine; ``v`` may have another head size);
+    ``mask``: boolean, broadcastable to (B, H, Lq, Lk), True = attend. On CPU this is ATen's flash
+    kernel; elsewhere, whenever autograd records (the flash kernel's backward ignores the gradient of its
+    LSE output) and when ``v``'s head size differs (the flash kernel needs one), an explicit softmax."""
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if q.device.type == "cpu" and not recording:
+    # the CPU flash kernel needs one head size for q, k and v
+    if q.device.type == "cpu" and not recording and v.shape[-1] == q.shape[-1]:
         float_mask = None
         if mask is not None:
             float_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
@@ -252,3 +257,23 @@ def strip_attention(
     w_grid = torch.exp(lse_grid - total).transpose(1, 2)[..., None]  # (B, N, H, 1)
     w_x = torch.exp(lse_x - total).transpose(1, 2)[..., None]
     return (out.float() * w_grid + out_x.float() * w_x).to(out.dtype)
+
+
+def _prepare(request):
+    return strip_plan(grid_pattern_of(request.pattern)).to(request.device or "cpu")
+
+
+def _run(q, k, v, request, prepared, key_padding_mask, scale):
+    from .gather import grid_with_text
+
+    plan = prepared if prepared is not None else _prepare(request)
+    return grid_with_text(q, k, v, request.layout, key_padding_mask, scale,
+                          lambda *a, **kw: strip_attention(*a, plan, **kw))
+
+
+BACKEND = Backend(
+    "strips", "keys gathered once per column and sliced per tile: box patterns (auto: on CPU, measured "
+    "1.03-1.70x gather's speed)", _run,
+    needs=(("box",),), prepare=_prepare,
+    auto=lambda r: r.device_type == "cpu" and r.num_tokens > SMALL_SEQUENCE,
+)

@@ -51,6 +51,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from ..layout import TokenLayout
+from .backend import Backend
+from .capabilities import grid_pattern_of
 from .flex import block_occupancy, sequence_mask_mod
 
 __all__ = [
@@ -553,7 +555,7 @@ def default_config(block: int, head_dim: int, dtype: torch.dtype) -> dict:
 
     Chosen offline for sm_90 (H100 / H200) from ptxas register reports (no spills for head dims 64 and
     128: fp16 / bf16 128 x 64 tiles, 8 warps; fp32 64 x 32, 8 warps); not yet timed on a GPU, see
-    benchmarks/README.md for the sweep to run there."""
+    benchmarks/bench_triton.py --sweep for the run there."""
     d = _padded_head_dim(head_dim)
     wide = dtype == torch.float32 or d > 128
     block_m = min(block, 64 if wide else 128)
@@ -666,86 +668,31 @@ def triton_pattern_attention(
 
 
 # ----------------------------------------------------------------------------------------------------
-# benchmark: python -m diffusion_attn.kernels.triton_sparse [--quick] [--sweep] (see benchmarks/README.md)
+# the backend declaration (timing: benchmarks/bench_triton.py)
 # ----------------------------------------------------------------------------------------------------
 
 
-def _benchmark(argv=None) -> None:
-    import argparse
-    import time
-
-    from ..patterns import neighborhood_pattern, radial_pattern
-    from . import flex_available, pattern_attention, sdpa
-    from .flex import flex_block_mask
-
-    ap = argparse.ArgumentParser(prog="python -m diffusion_attn.kernels.triton_sparse",
-                                 description="Time the Triton block-sparse kernel against dense SDPA and flex on a GPU.")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (also runs on CPU under TRITON_INTERPRET=1)")
-    ap.add_argument("--sweep", action="store_true", help="also time block_m / block_n / num_warps / num_stages variants")
-    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    ap.add_argument("--block", type=int, default=128, help="layout tile size (64 or 128)")
-    args = ap.parse_args(argv)
-    triton = _import_triton()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    cases = [  # name, pattern, layout, heads, head_dim, padded text (the shapes of benchmarks/bench_attention.py)
-        ("radial-wan-81f", radial_pattern((21, 30, 52), 0.2, True), TokenLayout((21, 30, 52)), 12, 128, False),
-        ("gna-strided-wan-33f", neighborhood_pattern((9, 30, 52), (5, 15, 26), (1, 5, 13)), TokenLayout((9, 30, 52)), 12, 128, False),
-        ("gna-flux-1024", neighborhood_pattern((64, 64), (32, 32), (16, 16)), TokenLayout((64, 64), 512, "first"), 24, 128, True),
-    ]
-    if args.quick:
-        cases = [("radial-quick", radial_pattern((3, 8, 16), 0.2, True), TokenLayout((3, 8, 16), 7, "first"), 2, 64, True),
-                 ("gna-quick", neighborhood_pattern((4, 8, 12), (3, 5, 5), (1, 2, 2)), TokenLayout((4, 8, 12)), 2, 64, False)]
-
-    def bench(fn):
-        if dev == "cuda":
-            return triton.testing.do_bench(fn, warmup=25, rep=200)
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-
-    for name, pattern, layout, heads, d, padded in cases:
-        t0 = time.perf_counter()
-        tl_layout = build_triton_layout(pattern, layout, args.block, device=dev)
-        build_s = time.perf_counter() - t0
-        S = layout.num_tokens
-        q, k, v = (torch.randn(1, S, heads, d, device=dev, dtype=dtype) for _ in range(3))
-        kpm = None
-        if padded:  # the last 40 % of the text tokens are padding
-            kpm = torch.ones(1, S, dtype=torch.bool, device=dev)
-            kpm[:, layout.text_slice.stop - int(0.4 * layout.text_len) : layout.text_slice.stop] = False
-        out = triton_pattern_attention(q, k, v, tl_layout, layout, kpm)
-        # exactness on 256 sampled query rows: dense SDPA with the exact mask of those rows
-        rows = torch.randperm(S, device=dev)[:256].sort().values
-        mask = sequence_mask_mod(pattern, layout, kpm, dev)(0, None, rows[:, None], torch.arange(S, device=dev)[None, :])
-        ref = sdpa(q[:, rows].float(), k.float(), v.float(), mask[None, None])
-        row = {"case": name, "tokens": S, "density": round(tl_layout.density, 3), "visited": round(tl_layout.visited_density, 3),
-               "partial tiles": tl_layout.num_partial, "layout MB": round(tl_layout.nbytes / 2**20, 1),
-               "build s": round(build_s, 1), "max err": f"{(out[:, rows].float() - ref).abs().max().item():.1e}"}
-        row["dense ms"] = round(bench(lambda: sdpa(q, k, v, None if kpm is None else kpm[:, None, None, :])), 3)
-        row["triton ms"] = round(bench(lambda: triton_pattern_attention(q, k, v, tl_layout, layout, kpm)), 3)
-        if dev == "cuda" and flex_available("cuda"):
-            bm = flex_block_mask(pattern, layout, key_padding_mask=kpm, device=dev)
-            run_flex = lambda: pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend="flex", block_mask=bm)  # noqa: E731
-            run_flex()  # compile
-            row["flex ms"] = round(bench(run_flex), 3)
-        row["speedup vs dense"] = round(row["dense ms"] / row["triton ms"], 2)
-        print(row, flush=True)
-        if args.sweep and dev == "cuda":
-            print("   default:", default_config(args.block, d, dtype))
-            for bm_ in (64, 128):
-                for bn_ in (32, 64, 128):
-                    for w in (4, 8):
-                        for st in (1, 2, 3):
-                            if bm_ > args.block or bn_ > args.block:
-                                continue
-                            cfg = dict(block_m=bm_, block_n=bn_, num_warps=w, num_stages=st)
-                            try:
-                                ms = f"{bench(lambda: triton_pattern_attention(q, k, v, tl_layout, layout, kpm, **cfg)):.3f} ms"
-                            except Exception as e:  # out of shared memory, ...
-                                ms = type(e).__name__
-                            print(f"   {cfg}: {ms}", flush=True)
+def _available(device_type: str):
+    if triton_available(device_type):
+        return None
+    return (f"backend='triton' needs triton (pip install \"diffusion-attn[kernels]\") and a CUDA device, "
+            f"got {device_type}")
 
 
-if __name__ == "__main__":
-    _benchmark()
+def _prepare(request):
+    pattern = grid_pattern_of(request.pattern) or request.pattern
+    occupancy = block_occupancy(pattern, request.layout)
+    return build_triton_layout(pattern, request.layout, occupancy=occupancy, device=request.device)
+
+
+def _run(q, k, v, request, prepared, key_padding_mask, scale):
+    tl_layout = prepared if prepared is not None else _prepare(request)
+    return triton_pattern_attention(q, k, v, tl_layout, request.layout, key_padding_mask, scale)
+
+
+BACKEND = Backend(
+    "triton", "the Triton block-sparse kernel (CUDA; opt-in until validated and timed on a GPU; forward only)",
+    _run, handles=frozenset({"dynamic"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), head_dims=(MIN_HEAD_DIM, MAX_HEAD_DIM),
+    value_dim=False, autograd=False, available=_available, prepare=_prepare,
+)

@@ -24,9 +24,10 @@ import math
 import torch
 
 from ..layout import TokenLayout
+from .backend import Backend
 from .windows import WindowPlan, _windows, finish_windows, window_grids, window_partition
 
-__all__ = ["available", "require", "supports", "xformers_attention"]
+__all__ = ["BACKEND", "available", "require", "supports", "xformers_attention"]
 
 INSTALL_HINT = 'pip install "diffusion-attn[xformers]"'
 
@@ -121,3 +122,29 @@ def xformers_attention(
         _windows(og, combo, "q").copy_(o)
         pos += B * n * tq
     return finish_windows(out, og, q, k, v, plan, layout, kpm, scale)
+
+
+def _available(device_type: str):
+    try:
+        require()
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def _prepare(request):
+    from .capabilities import window_plan_of
+
+    return window_plan_of(request.pattern).to(request.device or "cpu")
+
+
+def _run(q, k, v, request, prepared, key_padding_mask, scale):
+    plan = prepared if prepared is not None else _prepare(request)
+    return xformers_attention(q, k, v, plan, request.layout, key_padding_mask=key_padding_mask, scale=scale)
+
+
+BACKEND = Backend(
+    "xformers", "xformers' memory-efficient attention, window partitions as one block-diagonal call (CUDA; "
+    "opt-in)", _run,
+    needs=(("partition",),), devices=frozenset({"cuda"}), available=_available, prepare=_prepare,
+)
