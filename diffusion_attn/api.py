@@ -101,6 +101,21 @@ def _method_and_params(method, params: dict):
     return get_method(method), params  # a name, or a config class with keyword arguments
 
 
+def _check_backend_here(config) -> None:
+    """A ``backend`` that can never run on this machine (its package missing, no CUDA for a CUDA-only
+    kernel, no working compile for flex) is refused at ``apply``: the accelerator if torch has one (models
+    are often moved or offloaded to it after ``apply``), else the CPU."""
+    from .registry import check_backend
+
+    backend = getattr(config, "backend", None)
+    if not isinstance(backend, str) or backend in ("auto", "dense"):
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = check_backend(backend, config.pattern_capabilities(), device)
+    if problem:
+        raise ValueError(f"backend={backend!r} cannot run {config.method} on this machine ({device}): {problem}")
+
+
 def apply(pipe_or_model, method, **params) -> Handle:
     """Install ``method`` on a pipeline (all its denoisers) or on a denoiser model.
 
@@ -134,6 +149,7 @@ def apply(pipe_or_model, method, **params) -> Handle:
     config = spec.make_config(params, _variant(pipe_or_model, families[0].name), family=families[0].name)
     for m in models:
         config.check_model(m)
+    _check_backend_here(config)
     resolved = config.to_dict()
     context = RunContext(families[0].name)
     undo: list = []

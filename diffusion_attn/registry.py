@@ -495,12 +495,19 @@ class MethodConfig:
         """Checks across fields that need no model (subclasses add theirs; call super().check()).
         The default: a ``backend`` field must be able to run the method's patterns."""
         backend = getattr(self, "backend", None)
-        if isinstance(backend, str) and self.capabilities:
-            problem = check_backend(backend, self.capabilities)
+        caps = self.pattern_capabilities()
+        if isinstance(backend, str) and caps:
+            problem = check_backend(backend, caps)
             if problem:
-                ok = [c for c in (self._param("backend").choices or ()) if not check_backend(c, self.capabilities)]
+                ok = [c for c in (self._param("backend").choices or ()) if not check_backend(c, caps)]
+                problem = problem.replace(f"backend={backend!r} ", "it ", 1)
                 raise ValueError(f"backend={backend!r} cannot run {self.method or 'this method'}: {problem}"
                                  + (f"; accepted: {', '.join(ok)}" if ok else ""))
+
+    def pattern_capabilities(self) -> frozenset:
+        """The capabilities of the patterns this config makes (the class's ``capabilities``; a config
+        whose fields decide them, such as GNA's stride, overrides this)."""
+        return type(self).capabilities
 
     def check_family(self, family: str) -> None:
         """Checks that need the model family: tuple parameters with one entry per grid axis must have 1
@@ -591,25 +598,19 @@ def _legacy_config(name: str, params: tuple[Param, ...], family_defaults: dict) 
 # Backends (apply-time check)
 # ------------------------------------------------------------------------------------------------------
 
-#: backend -> (the pattern capability it needs, what it runs)
-_BACKEND_NEEDS = {
-    "strips": ("box", "box patterns (GNA, shifted windows)"),
-    "windows": ("partition", "patterns whose windows partition the grid (blocked GNA, HiDiffusion's shifted windows)"),
-    "xformers": ("partition", "patterns whose windows partition the grid (blocked GNA, HiDiffusion's shifted windows)"),
-    "natten": ("neighborhood", "generalized neighborhood attention patterns (GNA)"),
-}
-
-
 def check_backend(backend: str, capabilities, device_type: str | None = None) -> str | None:
-    """Why ``backend`` can never run patterns with ``capabilities`` (None when it may).
+    """Why ``backend`` can never run patterns with ``capabilities`` (None when it may), from the kernels'
+    registry (:func:`diffusion_attn.kernels.check_backend`). Without ``device_type`` only the pattern
+    capabilities are checked (a config does not know where it will run); with it, also the environment
+    (installed packages, compile) and the device."""
+    from .kernels import registry as kernels
 
-    TODO(kernels): replace this local table with ``diffusion_attn.kernels.check_backend(backend,
-    capabilities, device_type)`` once the backend registry is merged. Device checks stay at the call.
-    """
-    need = _BACKEND_NEEDS.get(backend)
-    if need is None or need[0] in capabilities:
+    if device_type is not None:
+        return kernels.check_backend(backend, capabilities, device_type)
+    if backend == "auto" or backend not in kernels.BACKENDS:  # unknown names: the field's choices refuse them
         return None
-    return f"it runs {need[1]} only"
+    chosen = kernels.get_backend(backend)
+    return None if chosen.full_only else chosen.pattern_reason(frozenset(capabilities))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -72,11 +72,24 @@ def test_grid_rank_on_a_video_model_and_broadcasting():
 
 
 @pytest.mark.parametrize("backend, needs", [("windows", "partition the grid"), ("strips", "box patterns"),
-                                            ("natten", "neighborhood"), ("xformers", "partition the grid")])
+                                            ("natten", "box patterns"), ("xformers", "partition the grid")])
 def test_radial_refuses_backends_that_can_never_run_it(backend, needs):
     rejected(pipe_for("tiny-wan"), "radial", rf"backend='{backend}' cannot run radial: it runs .*{needs}.*; "
-                                             r"accepted: auto, gather, flex, triton, reference",
+                                             r"accepted: auto, dense, reference, flex, gather, chunked, triton",
              backend=backend)
+
+
+def test_backends_this_machine_cannot_run_are_refused_at_apply(monkeypatch):
+    """triton and xformers need CUDA: on a CPU-only torch they are refused at apply, not at the first call;
+    sliding GNA (stride < window) never partitions the grid, so backend='windows' is refused too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pipe = pipe_for("tiny-wan")
+    rejected(pipe, "radial", r"backend='triton' cannot run radial on this machine \(cpu\): .*", backend="triton")
+    rejected(pipe, "gna", r"backend='xformers' cannot run gna on this machine \(cpu\)", window=3, stride=3, backend="xformers")
+    rejected(pipe, "gna", r"backend='windows' cannot run gna: it runs patterns whose windows partition the grid",
+             window=3, stride=1, backend="windows")
+    with da.applied(pipe, "gna", window=(3, 4, 4), stride=(3, 4, 4), backend="windows"):
+        pass
 
 
 def test_radial_backend_none_and_nan():

@@ -231,10 +231,12 @@ class PatternProcessor:
         with the pattern's full mask (the reference; S x S), so keep such calls small until the fast
         kernels that return their LSE (strips, triton) are wired here."""
         from ..extensions import attention_with_lse
-        from ..kernels import full_mask
+        from ..patterns import sequence_mask
 
         pattern = self.call_pattern(q, k, layout) or self.current_pattern(layout)
-        mask = None if pattern is None or pattern.is_full() else full_mask(pattern.dense_mask(), layout).to(q.device)[None, None]
+        mask = None
+        if pattern is not None and not pattern.is_full():  # grid patterns with dense text, or any predicate
+            mask = sequence_mask(pattern, layout, batch=q.shape[0], heads=q.shape[2], device=q.device)
         kpm = key_padding_from_mask(attention_mask, q.shape[0], q.shape[1])
         if kpm is not None:
             kpm = kpm[:, None, None, :]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..layout import TokenLayout
 from ..patterns import neighborhood_pattern
+from ..kernels import BACKENDS
 from ..registry import MethodConfig, MethodSpec, method_config, param, register
 from .base import PatternProcessor
 from .install import install_processors
@@ -19,10 +20,10 @@ from .install import install_processors
 __all__ = ["GNAConfig", "GNAProcessor"]
 
 #: the kernels (``backend``) of the pattern methods
-BACKEND_CHOICES = ("auto", "gather", "strips", "windows", "flex", "triton", "natten", "xformers", "reference", "dense")
+BACKEND_CHOICES = BACKENDS
 BACKEND_HELP = ("kernel: auto, gather (tiled), strips (column slices; stride-aligned windows), windows (window "
-                "partitions), flex (compiled FlexAttention), triton / natten / xformers (opt-in), reference (dense "
-                "mask), dense")
+                "partitions), flex (compiled FlexAttention), chunked (dense mask by query chunks), triton / natten / "
+                "xformers (opt-in), reference (dense mask), dense")
 
 
 def dense_layers_field(default=0, per_family=None):
@@ -54,7 +55,13 @@ class GNAConfig(MethodConfig):
                              range=(0, None))
     backend: str = backend_field()
 
-    capabilities = frozenset({"box", "neighborhood", "partition"})
+    capabilities = frozenset({"box", "partition"})
+
+    def pattern_capabilities(self) -> frozenset:
+        """Box patterns; their windows partition the grid only when blocked (stride == window)."""
+        n = max(len(self.window), len(self.stride))
+        blocked = all(s == w for s, w in zip(_axes(self.stride, n), _axes(self.window, n)))
+        return frozenset({"box", "partition"} if blocked else {"box"})
 
     def check(self) -> None:
         super().check()
