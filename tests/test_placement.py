@@ -96,3 +96,30 @@ def test_processor_placement_by_kind_on_flux():
     finally:
         model.set_attn_processor(original)
     assert not torch.allclose(everywhere, placed)
+
+
+def test_head_placement_runs_the_method_on_the_chosen_heads_only():
+    """Placement(heads=(1,)): head 1 gets GNA, heads 0 and 2 the plain attention (SDPA, no mask)."""
+    import torch.nn.functional as F
+
+    from diffusion_attn.context import RunContext
+    from diffusion_attn.layout import TokenLayout
+
+    layout = TokenLayout((10,), 0)
+    ctx = RunContext("wan")
+    ctx.grid, ctx.step = layout.grid, 0
+    proc = da.GNAProcessor(window=3, backend="reference", placement=Placement(heads=(1,))).bind(ctx, None, 0)
+    q, k, v = (torch.randn(2, 10, 3, 4, dtype=torch.float64) for _ in range(3))
+    out = proc.core(q, k, v, layout)
+    window = torch.zeros(10, 10, dtype=torch.bool)
+    for i in range(10):  # NATTEN's window of 3, shifted inward at the borders
+        start = min(max(i - 1, 0), 7)
+        window[i, start:start + 3] = True
+    sdpa = lambda m: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # noqa: E731
+                                                    attn_mask=m).transpose(1, 2)
+    plain, windowed = sdpa(None), sdpa(window)
+    assert torch.allclose(out[:, :, 1], windowed[:, :, 1], atol=1e-10)
+    assert torch.allclose(out[:, :, [0, 2]], plain[:, :, [0, 2]], atol=1e-10)
+    assert not torch.allclose(windowed[:, :, 1], plain[:, :, 1])
+    with pytest.raises(ValueError, match="has 3 heads"):
+        da.GNAProcessor(window=3, placement=Placement(heads=(5,))).bind(ctx, None, 0).core(q, k, v, layout)

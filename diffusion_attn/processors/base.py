@@ -41,6 +41,14 @@ def key_padding_from_mask(attention_mask: torch.Tensor | None, batch: int, seq: 
     return m.expand(batch, seq)
 
 
+def _mask_heads(mask, index, heads: int):
+    """An attention mask restricted to the heads ``index``: masks with a head axis ((B, heads, Sq, Sk))
+    are sliced; masks that broadcast over heads are returned as they are."""
+    if mask is None or mask.ndim != 4 or mask.shape[1] != heads or heads == 1:
+        return mask
+    return mask[:, index]
+
+
 class PatternProcessor:
     """Base class; subclasses implement :meth:`pattern` and declare ``method``."""
 
@@ -169,6 +177,19 @@ class PatternProcessor:
         dense or not; then the extension points, around the pattern core."""
         if self.is_dense_now():
             return self.dense(q, k, v, attention_mask)
+        heads = self.placement.head_mask(q.shape[2], q.device)
+        if heads is None or bool(heads.all()):
+            return self._branched_core(q, k, v, layout, attention_mask)
+        # head selection: the method on the placement's heads, the model's own attention on the others
+        n = q.shape[2]
+        on, off = heads.nonzero().flatten(), (~heads).nonzero().flatten()
+        sparse = self._branched_core(q[:, :, on], k[:, :, on], v[:, :, on], layout, _mask_heads(attention_mask, on, n))
+        dense = self.dense(q[:, :, off], k[:, :, off], v[:, :, off], _mask_heads(attention_mask, off, n))
+        out = sparse.new_empty(*sparse.shape[:2], n, sparse.shape[3])
+        out[:, :, on], out[:, :, off] = sparse, dense.to(sparse.dtype)
+        return out
+
+    def _branched_core(self, q, k, v, layout: TokenLayout, attention_mask=None) -> torch.Tensor:
         parts = self.branches(q.shape[0])
         if not parts:
             return self._extended_core(q, k, v, layout, attention_mask)
