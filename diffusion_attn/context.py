@@ -112,6 +112,9 @@ class RunContext:
     call_kwargs: Any = field(default_factory=lambda: _EMPTY, repr=False)
     source: str = "timestep"
     cache: dict = field(default_factory=dict)
+    #: per-run state of the processors (caches across steps, stored maps): emptied at every run boundary
+    #: (a pipeline call; for a bare model, a timestep larger than the previous one), never across runs
+    run_state: dict = field(default_factory=dict)
     #: call-input names the processors bound to this context take (see ``PatternProcessor.call_inputs``)
     call_inputs: set = field(default_factory=set)
     # -- run state (pipeline mode) -------------------------------------------------------------------
@@ -140,6 +143,7 @@ class RunContext:
         """Run boundary: the pipeline started a new ``__call__`` (its scheduler's ``set_timesteps``)."""
         self.step, self.branch, self.timestep, self.branch_name = -1, 0, None, None
         self._run_open, self._steps_done, self._seen_steps, self._run_steps = True, 0, 0, None
+        self.run_state.clear()
 
     def end_step(self) -> None:
         """Step boundary: the pipeline's scheduler took a step."""
@@ -171,6 +175,7 @@ class RunContext:
             # fallback for a bare model: the timestep heuristic (see the module docstring)
             if timestep is None or self.timestep is None or timestep > self.timestep:
                 self.step, self.branch = 0, 0
+                self.run_state.clear()
             elif timestep != self.timestep:
                 self.step, self.branch = self.step + 1, 0
             else:

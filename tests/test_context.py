@@ -295,3 +295,22 @@ def test_processor_refuses_unknown_keyword_arguments():
         h.context.grid = (3, 8, 12)
         with pytest.raises(TypeError, match=r"unexpected keyword arguments \['bogus'\].*call_kwargs"):
             attn(x, bogus=1)
+
+
+def test_run_state_lives_for_one_pipeline_call():
+    """Processors' per-run state (RunContext.run_state) is there across the steps of a call and empty at
+    the start of the next call."""
+    pipe = pipe_for("tiny-wan")
+    sizes = []
+    with da.applied(pipe, "gna", window=(3, 8, 12)) as h:
+        def record(module, args, output):
+            h.context.run_state["calls"] = h.context.run_state.get("calls", 0) + 1
+            sizes.append(h.context.run_state["calls"])
+
+        hook = pipe.transformer.register_forward_hook(record)
+        try:
+            for _ in range(2):
+                generate(pipe, "tiny-wan", num_inference_steps=2)
+        finally:
+            hook.remove()
+    assert sizes == [1, 2, 3, 4, 1, 2, 3, 4]  # CFG as two calls x 2 steps, then a fresh run
