@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 
 from ..layout import TokenLayout
-from .families import ComfyFamily
+from ..adapters.comfy import ComfyFamily
 from .runtime import CallPlacement, MethodRuntime, key_padding_from_comfy_mask, upcast
 
 __all__ = ["APPLY_MODEL_ARGS", "DiTCall", "DiTPatch", "arg", "to_heads_layout"]

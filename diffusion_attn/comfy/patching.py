@@ -30,7 +30,7 @@ from ..kernels import choose_backend
 from ..layout import TokenLayout
 from ..registry import MethodSpec
 from .dit import DiTCall, DiTPatch
-from .families import COMFY_FAMILIES, UNET_LAYOUTS, ComfyFamily, detect_family, unet_structure
+from ..adapters.comfy import COMFY_FAMILIES, UNET_LAYOUTS, ComfyFamily, detect_family, unet_structure
 from .runtime import (
     CallPlacement,
     ComfySupport,

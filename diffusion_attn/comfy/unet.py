@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..layout import TokenLayout
 from .dit import arg
-from .families import unet_grid
+from ..adapters.comfy import unet_grid
 from .runtime import MethodRuntime, upcast
 
 __all__ = ["PLACEMENT_KEY", "UNetAttn1Patch", "UNetPlacementPatch"]

@@ -1,6 +1,7 @@
 """ComfyUI model families: which ComfyUI diffusion-model classes the nodes support, and how a model
-call's token layout is read from its inputs (the ComfyUI readers; the diffusers side's family knowledge
-lives in :mod:`diffusion_attn.adapters`).
+call's token layout is read from its inputs -- the ComfyUI readers, beside the diffusers adapters in
+this package (model-family knowledge has one home); :mod:`diffusion_attn.comfy` asks them. Nothing here
+imports ComfyUI: the readers take its model objects and tensors as they come.
 
 * ``read(diffusion_model, x, context, extras) -> (TokenLayout, cross-attention key lengths)`` per DiT
   family: grid = latent size over the model's ``patch_size``, rounded up as ComfyUI's
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..adapters.unet import level_grid
+from .unet import level_grid
 from ..layout import TokenLayout
 
 __all__ = [
