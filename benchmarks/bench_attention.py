@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import platform
@@ -68,7 +69,7 @@ from diffusion_attn.kernels.flex import FLEX_BLOCK, block_occupancy, flex_block_
 from diffusion_attn.kernels.simulate import predicted_speedup  # noqa: E402
 from diffusion_attn.patterns import neighborhood_pattern, radial_pattern, shifted_window_pattern  # noqa: E402
 
-DATE = "2026-11-21"
+DATE = datetime.date.today().isoformat()  # the day of the run
 #: The "no S x S tensor" assertion applies from this many tokens on. Below it the gather kernel may
 #: legitimately put every tile into one chunk, whose per-tile masks then add up to about S^2 elements.
 ASSERT_MIN_TOKENS = 8192
