@@ -8,7 +8,7 @@ import torch
 from diffusion_attn import TokenLayout, kernels
 from diffusion_attn.kernels import registry
 from diffusion_attn.kernels.backend import Request
-from diffusion_attn.kernels import build_schedule, choose_backend, full_mask, masked_attention, pattern_attention, sdpa
+from diffusion_attn.kernels import block_schedule, build_schedule, choose_backend, full_mask, masked_attention, pattern_attention, sdpa
 from diffusion_attn.patterns import neighborhood_pattern, radial_pattern, shifted_window_pattern
 
 from test_patterns import random_gna_config
@@ -74,7 +74,7 @@ def test_gather_equals_reference_radial(grid, decay, sink, text):
     kpm = padding(layout, 2, random.Random(0))
     ref = masked_attention(q, k, v, pattern.dense_mask(), layout, kpm)
     for rows in (1, 2, 4):
-        out = pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend="gather", schedule=pattern.schedule(rows))
+        out = pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend="gather", schedule=block_schedule(pattern, rows))
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-5)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusion_attn.patterns import neighborhood_pattern, radial_block_mask, radial_pattern, shifted_window_pattern
-from diffusion_attn.patterns.base import Schedule
+from diffusion_attn.kernels.schedule import Schedule, block_schedule, box_schedule
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_box_schedules_reproduce_mask(seed):
     cfg = random_gna_config(rng, rng.choice([1, 2, 3]))
     p = neighborhood_pattern(*cfg)
     for tile in [tuple(rng.randint(1, g) for g in cfg[0]) for _ in range(3)]:
-        s = p.schedule(tile)
+        s = box_schedule(p, tile)
         assert torch.equal(schedule_mask(s, p.num_tokens), p.dense_mask()), (cfg, tile)
         assert s.allowed_pairs == int(p.dense_mask().sum())
 
@@ -118,7 +118,7 @@ def test_box_schedules_reproduce_mask(seed):
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 def test_block_schedules_reproduce_mask(rows):
     p = radial_pattern((7, 6, 50), decay_factor=0.5, sink=True)  # 2100 tokens, partial last block
-    s = p.schedule(rows)
+    s = block_schedule(p, rows)
     assert torch.equal(schedule_mask(s, p.num_tokens), p.dense_mask())
 
 

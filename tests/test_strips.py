@@ -10,7 +10,7 @@ from diffusion_attn import TokenLayout, kernels
 from diffusion_attn.kernels import masked_attention, pattern_attention, strip_attention, strip_plan
 from diffusion_attn.kernels.strips import _extra_keys_lse, attention_lse
 from diffusion_attn.patterns import neighborhood_pattern, radial_pattern, shifted_window_pattern
-from diffusion_attn.patterns.base import RUNS
+from diffusion_attn.kernels.schedule import RUNS, axis_tiles
 
 from test_kernels import ATOL, CountingCache, padding, qkv, random_gna_case
 
@@ -45,7 +45,7 @@ def test_strips_equal_reference_shifted_windows(grid):
 
 
 def test_runs_are_exact_tiles():
-    """``tiles(RUNS)``: every query in exactly one tile, no masks, and each tile's keys are exactly its
+    """``axis_tiles(axis, RUNS)``: every query in exactly one tile, no masks, and each tile's keys are exactly its
     queries' (shared) window."""
     rng = random.Random(0)
     for _ in range(20):
@@ -55,7 +55,7 @@ def test_runs_are_exact_tiles():
         pattern = neighborhood_pattern((L,), kw, rng.randint(1, kw), d)
         axis = pattern.axes[0]
         seen = []
-        for g in axis.tiles(RUNS):
+        for g in axis_tiles(axis, RUNS):
             assert g.mask is None
             for qs, ks in zip(g.queries, g.keys):
                 seen += qs.tolist()

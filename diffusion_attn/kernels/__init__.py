@@ -16,27 +16,51 @@ from .flex import FLEX_MIN_TOKENS, FlexPrepared, block_occupancy, flex_attention
 from .gather import gather_attention
 from .reference import SMALL_SEQUENCE, check_inputs, full_mask, masked_attention, sdpa, text_query_attention
 from .registry import BACKENDS, REGISTRY, check_backend, get_backend, resolve
+from .schedule import (
+    RUNS,
+    AxisTiles,
+    Bucket,
+    PairCounts,
+    Schedule,
+    axis_tiles,
+    block_schedule,
+    box_schedule,
+    combined_mask_fn,
+    mask_fn_on,
+    outer_combine,
+)
 from .strips import StripPlan, strip_attention, strip_plan
 from .tiling import build_schedule, choose_tiles
 from .triton_sparse import build_triton_layout, triton_available, triton_pattern_attention
 from .windows import WindowPlan, window_attention, window_partition
 
 __all__ = [
+    "AxisTiles",
     "BACKENDS",
     "Backend",
+    "Bucket",
+    "PairCounts",
     "REGISTRY",
+    "RUNS",
     "Request",
+    "Schedule",
+    "axis_tiles",
+    "block_schedule",
+    "box_schedule",
     "build_schedule",
     "build_triton_layout",
     "capabilities_of",
     "check_backend",
     "choose_backend",
     "choose_tiles",
+    "combined_mask_fn",
     "flex_available",
     "full_mask",
     "gather_attention",
     "get_backend",
+    "mask_fn_on",
     "masked_attention",
+    "outer_combine",
     "pattern_attention",
     "prepared_attention",
     "sdpa",

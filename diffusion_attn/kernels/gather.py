@@ -1,6 +1,6 @@
 """Tiled gather + SDPA: the portable fast path (CPU and GPU, any sequence length).
 
-For each bucket of a :class:`~diffusion_attn.patterns.Schedule` the query tiles and the keys they need
+For each bucket of a :class:`~diffusion_attn.kernels.schedule.Schedule` the query tiles and the keys they need
 are gathered into a batch of small dense problems and handed to SDPA, with a per-tile boolean mask only
 where a tile is not fully dense. Extra dense keys (text tokens) are appended to every tile's keys, which
 is exactly NATTEN's ``additional_keys`` semantics (one softmax over window keys and extra keys). Work is
@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..patterns.base import Schedule
 from .backend import Backend
 from .capabilities import grid_pattern_of
 from .reference import text_query_attention
+from .schedule import Schedule
 
 __all__ = ["BACKEND", "gather_attention", "grid_with_text"]
 

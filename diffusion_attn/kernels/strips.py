@@ -7,7 +7,7 @@ attention itself. Here one axis of the grid is the *slide axis*; every other axi
 (:func:`~diffusion_attn.kernels.tiling.axis_options`), and a *column* is one tile of those other axes
 taken over the whole slide axis. For a column, the keys of its box on the other axes are gathered once
 for every slide position, slide-major, into ``(slide length x keys per column)``. The slide axis is tiled
-in runs (:data:`~diffusion_attn.patterns.base.RUNS`: queries that share a window), so a tile's keys are
+in runs (:data:`~diffusion_attn.kernels.schedule.RUNS`: queries that share a window), so a tile's keys are
 one contiguous slice of the column: SDPA reads it as a view. Per slide tile one SDPA call runs over a
 chunk of columns (a batch); tiles at the slide axis' borders hold every query that shares the clamped
 window, which makes them large.
@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..patterns.base import RUNS, AxisTiles, BoxPattern, PairCounts, combined_mask_fn, mask_fn_on, outer_combine
+from ..patterns.base import BoxPattern
 from .backend import Backend
 from .capabilities import grid_pattern_of
 from .reference import SMALL_SEQUENCE
+from .schedule import RUNS, AxisTiles, PairCounts, axis_tiles, combined_mask_fn, mask_fn_on, outer_combine
 from .tiling import axis_options
 
 __all__ = ["BACKEND", "StripPlan", "strip_plan", "strip_attention", "attention_lse"]
@@ -138,8 +139,8 @@ def strip_plan(pattern: BoxPattern, axis: int | None = None, tiles: tuple | None
     tiles = tuple(RUNS if i == axis else t for i, t in enumerate(tiles))
     strides = [math.prod(pattern.grid[i + 1 :]) for i in range(len(pattern.grid))]
     slide = pattern.axes[axis]
-    slide_tiles = slide.tiles(RUNS)
-    per_axis = [a.tiles(t) for i, (a, t) in enumerate(zip(pattern.axes, tiles)) if i != axis]
+    slide_tiles = axis_tiles(slide, RUNS)
+    per_axis = [axis_tiles(a, t) for i, (a, t) in enumerate(zip(pattern.axes, tiles)) if i != axis]
     other_strides = [s for i, s in enumerate(strides) if i != axis]
     columns = []
     for combo in itertools.product(*per_axis):

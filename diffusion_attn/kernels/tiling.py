@@ -1,4 +1,4 @@
-"""Choosing query tiles for box patterns, and the backend for one attention call.
+"""Choosing query tiles for box and block patterns (the schedules themselves: :mod:`.schedule`).
 
 The cost model is deliberately simple: a tile of ``tq`` queries that gathers ``tk`` keys costs
 ``tq * tk`` score pairs plus a gather overhead of about ``GATHER_COST`` pairs per key and query row, so
@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from ..patterns.base import RUNS, AxisWindows, BlockPattern, BoxPattern, Schedule
+from ..patterns.base import AxisWindows, BlockPattern, BoxPattern
+from .schedule import RUNS, Schedule, block_schedule, box_schedule
 
 __all__ = ["axis_box_size", "axis_options", "choose_tiles", "build_schedule", "MAX_TILE_QUERIES"]
 
@@ -104,9 +105,9 @@ def choose_tiles(pattern: BoxPattern) -> tuple[int, ...]:
 
 def build_schedule(pattern, tile: tuple[int, ...] | None = None) -> Schedule:
     if isinstance(pattern, BlockPattern):
-        return _best(pattern.schedule(r) for r in (1, 2, 4, 8))
+        return _best(block_schedule(pattern, r) for r in (1, 2, 4, 8))
     if isinstance(pattern, BoxPattern):
-        return pattern.schedule(tile or choose_tiles(pattern))
+        return box_schedule(pattern, tile or choose_tiles(pattern))
     raise TypeError(f"no schedule for pattern type {type(pattern).__name__}")
 
 

@@ -13,12 +13,13 @@ A new mask shape, two ways:
   call's pattern is then ``text_dense(p, layout)``;
 * a composition of predicates, e.g. ``text_dense(p) & ~heads_in({0}) | in_segment("pooled", "kv")``.
 
-Give every pattern to a kernel as ``as_sequence_pattern(p, layout)``: its ``capabilities`` then say
+Tile schedules (``Schedule``, ``box_schedule``, ``block_schedule``) are kernel planning: see
+:mod:`diffusion_attn.kernels.schedule`. Give every pattern to a kernel as ``as_sequence_pattern(p, layout)``: its ``capabilities`` then say
 what a fast kernel may use (``grid_pattern`` for "box" / "block"), ``mask_mod`` and ``dense_mask()``
 cover the whole sequence.
 """
 
-from .base import AxisWindows, BlockPattern, BoxPattern, Bucket, Schedule
+from .base import AxisWindows, BlockPattern, BoxPattern
 from .circular import CircularWindow, circular_pattern
 from .dynamic import BlockChoice, TopKKeyBlocks
 from .mask_mod import (
@@ -45,11 +46,9 @@ __all__ = [
     "BlockChoice",
     "BlockPattern",
     "BoxPattern",
-    "Bucket",
     "CAPABILITIES",
     "CircularWindow",
     "MaskMod",
-    "Schedule",
     "TopKKeyBlocks",
     "and_masks",
     "as_mask_mod",
