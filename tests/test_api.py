@@ -1,25 +1,21 @@
 """apply / remove / attach on the embedded tiny pipelines: full settings equal stock, sparse settings run
 end to end (CFG on/off, batch 1/2), remove is exact, bad input leaves the pipeline untouched."""
 
-import functools
 
 import pytest
 import torch
 
 import diffusion_attn as da
-from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
+from diffusion_attn.models.tiny import default_call_kwargs
 from diffusion_attn.processors.install import get_processors
+from pipes import pipe_cache
 
 GRID = {"tiny-flux": (8, 12), "tiny-sd3": (8, 12), "tiny-wan": (3, 8, 12), "tiny-hunyuanvideo": (3, 8, 12), "tiny-mochi": (3, 8, 12)}
 FAMILY = {"tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan", "tiny-wan22": "wan", "tiny-hunyuanvideo": "hunyuanvideo",
           "tiny-mochi": "mochi"}
 
 
-@functools.lru_cache(maxsize=None)
-def pipe_for(name):
-    pipe = build_pipeline(name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+pipe_for = pipe_cache()
 
 
 def generate(pipe, name, **overrides):

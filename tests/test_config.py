@@ -4,7 +4,6 @@ input types (boxes, masks, images, prompts, head lists) validate and parse from 
 
 import collections.abc
 import dataclasses
-import functools
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 
 import diffusion_attn as da
-from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
+from diffusion_attn.models.tiny import default_call_kwargs
 from diffusion_attn.processors.install import get_processors
 from diffusion_attn.registry import (
     Boxes,
@@ -28,13 +27,10 @@ from diffusion_attn.registry import (
 )
 from diffusion_attn.registry import Image as ImageInput
 from diffusion_attn.registry import Mask as MaskInput
+from pipes import pipe_cache
 
 
-@functools.lru_cache(maxsize=None)
-def pipe_for(name):
-    pipe = build_pipeline(name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+pipe_for = pipe_cache()
 
 
 def run(pipe, family, **overrides):

@@ -2,7 +2,6 @@
 publishes (B4's step counting), offload hooks before or after apply (B6), cache_context names, the bare
 model fallback, call-time inputs (item 8), and an exact remove."""
 
-import functools
 
 import pytest
 import torch
@@ -11,17 +10,14 @@ import diffusion_attn as da
 from diffusion_attn.context import ContextHook, find_context
 from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
 from diffusion_attn.processors.gna import GNAProcessor
+from pipes import pipe_cache
 
 FAMILY = {"tiny-sd15": "unet-sd15", "tiny-sdxl": "unet-sdxl", "tiny-wan": "wan", "tiny-wan22": "wan",
           "tiny-hunyuanvideo": "hunyuanvideo", "tiny-mochi": "mochi", "tiny-flux": "flux"}
 PROMPT = "a red fox in the snow"
 
 
-@functools.lru_cache(maxsize=None)
-def pipe_for(name):
-    pipe = build_pipeline(name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+pipe_for = pipe_cache()
 
 
 def generate(pipe, name, **overrides):

@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 
 import diffusion_attn as da
-from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
+from diffusion_attn.models.tiny import default_call_kwargs
 
 from mask_oracle import gna_axis, gna_mask, msw_mask, with_text
+from pipes import pipe_cache
 
 ATOL = RTOL = 1e-5
 
@@ -77,11 +78,7 @@ PROMPT = "a red fox in the snow"  # shorter than max_sequence_length: padded tex
 NEGATIVE = "blurry, dark, low quality, watermark"  # another real length than the prompt's
 
 
-@functools.lru_cache(maxsize=None)
-def pipe_for(name):
-    pipe = build_pipeline(name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+pipe_for = pipe_cache()
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,7 +13,7 @@ from diffusion_attn.adapters.unet import UNET
 from diffusion_attn.context import RunContext
 from diffusion_attn.kernels import masked_attention
 from diffusion_attn.layout import TokenLayout
-from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
+from diffusion_attn.models.tiny import default_call_kwargs
 from diffusion_attn.patches.raunet import raunet_schedule, run_length
 from diffusion_attn.patterns import shifted_window_pattern
 from diffusion_attn.processors.hidiffusion import (
@@ -23,6 +23,7 @@ from diffusion_attn.processors.hidiffusion import (
     detect_variant,
     official_shift_choice,
 )
+from pipes import fingerprint, pipe_cache
 
 FAMILY = {"tiny-sd15": "unet-sd15", "tiny-sdxl": "unet-sdxl", "tiny-flux": "flux"}
 # the fewest steps for which every RAU-Net stage of the official schedule is on at some step
@@ -33,11 +34,7 @@ SIZES = {  # "odd": the MSW-MSA level has odd sides (sd15 level 0: 13 x 17; sdxl
 }
 
 
-@functools.lru_cache(maxsize=None)
-def pipe_for(name):
-    pipe = build_pipeline(name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+pipe_for = pipe_cache()
 
 
 def generate(pipe, name, size="even", **overrides):
@@ -53,23 +50,13 @@ def stock_output(name, size="even", **overrides):
     return generate(pipe_for(name), name, size, **overrides)
 
 
-def _fingerprint(v):
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, tuple) and all(isinstance(x, (bool, int, float, str)) for x in v):
-        return v
-    if isinstance(v, dict):
-        return ("dict", id(v), tuple((k, id(x)) for k, x in v.items()))
-    return ("obj", id(v))
-
-
 def module_state(pipe):
     """Every module of every denoiser: identity, class and attributes (hook dicts by content, objects by
     identity), the run-context hook's registry and instance ``forward`` included."""
     out = {}
     for model in da.denoisers(pipe):
         for name, m in model.named_modules():
-            attrs = {k: _fingerprint(v) for k, v in m.__dict__.items()}
+            attrs = {k: fingerprint(v) for k, v in m.__dict__.items()}
             out[(id(model), name)] = (id(m), type(m), attrs, {n: id(p) for n, p in m.attn_processors.items()} if name == "" else None)
     return out
 

@@ -10,9 +10,10 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading, apply_layerwise_casting
 
 import diffusion_attn as da
-from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
+from diffusion_attn.models.tiny import default_call_kwargs
 from diffusion_attn.patches.hooks import hook_names, register_hook, remove_hook
 from diffusion_attn.patches.raunet import HOOK_NAMES, RAD_CONV_HOOK, RAUNET_TARGETS
+from pipes import fingerprint, fresh
 
 FAMILY = {"tiny-sd15": "unet-sd15", "tiny-sdxl": "unet-sdxl"}
 # the fewest steps for which every RAU-Net stage of the official schedule is on at some step (the conv
@@ -127,25 +128,9 @@ def generate(pipe, name):
     return pipe(prompt="a red fox in the snow", generator=torch.Generator().manual_seed(0), **kw)[0]
 
 
-def fresh(name):
-    pipe = build_pipeline(name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _fingerprint(v):
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, tuple) and all(isinstance(x, (bool, int, float, str)) for x in v):
-        return v
-    if isinstance(v, dict):
-        return ("dict", id(v), tuple((k, id(x)) for k, x in v.items()))
-    return ("obj", id(v))
-
-
 def module_state(unet):
     """Every module: identity, class, attributes (dicts by content, objects by identity), hook names."""
-    return {name: (id(m), type(m), {k: _fingerprint(v) for k, v in m.__dict__.items()}, tuple(hook_names(m)))
+    return {name: (id(m), type(m), {k: fingerprint(v) for k, v in m.__dict__.items()}, tuple(hook_names(m)))
             for name, m in unet.named_modules()}
 
 

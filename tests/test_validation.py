@@ -2,21 +2,16 @@
 says what was wrong and what is accepted, and leaves the pipeline untouched; values are checked
 strictly (NaN, non-int tuple entries, explicit None); TokenLayout refuses non-int sizes."""
 
-import functools
 
 import pytest
 import torch
 
 import diffusion_attn as da
-from diffusion_attn.models.tiny import build_pipeline
 from diffusion_attn.processors.install import get_processors
+from pipes import pipe_cache
 
 
-@functools.lru_cache(maxsize=None)
-def pipe_for(name):
-    pipe = build_pipeline(name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+pipe_for = pipe_cache()
 
 
 def snapshot(pipe):
