@@ -11,6 +11,7 @@ from .adapters import FAMILIES, family_of
 from .context import RunContext, SchedulerWatch, attach_context, detach_context, find_context
 from .kernels import full_mask
 from .layout import TokenLayout
+from .placement import Placement
 from .processors.base import PatternProcessor
 from .processors.install import get_processors, set_processors
 from .registry import MethodConfig, get_method
@@ -22,9 +23,11 @@ _HANDLE_ATTR = "_diffusion_attn_handle"
 
 class Handle:
     """What ``apply`` installed; ``remove()`` undoes it exactly (also usable as a context manager).
-    ``config``: the resolved method config (None for :func:`attach`)."""
+    ``config``: the resolved method config (None for :func:`attach`); ``placement``: the
+    :class:`~diffusion_attn.placement.Placement` given to ``apply`` (None: the config's own)."""
 
     config = None
+    placement = None
 
     def __init__(self, method: str, params: dict, context: RunContext, models: list, undo: list):
         self.method, self.params, self.context = method, params, context
@@ -116,8 +119,22 @@ def _check_backend_here(config) -> None:
         raise ValueError(f"backend={backend!r} cannot run {config.method} on this machine ({device}): {problem}")
 
 
-def apply(pipe_or_model, method, **params) -> Handle:
+def _placement_given(spec, method, params: dict) -> list[str]:
+    """The placement-role parameters given explicitly (kwargs present, or config fields off their default)."""
+    from .registry import MethodConfig
+
+    names = [p.name for p in spec.config.params() if p.role == "placement"]
+    if isinstance(method, MethodConfig):
+        return [p.name for p in method.params() if p.role == "placement" and getattr(method, p.name) not in (None, p.default)]
+    return [n for n in names if params.get(n) is not None]
+
+
+def apply(pipe_or_model, method, *, placement: Placement | None = None, **params) -> Handle:
     """Install ``method`` on a pipeline (all its denoisers) or on a denoiser model.
+
+    ``placement``: a :class:`~diffusion_attn.placement.Placement` (layers by index, range or kind, step
+    windows by index or schedule fraction, branches, heads) instead of the method's ``dense_layers`` /
+    ``dense_steps`` (and their per-family defaults); giving both is an error.
 
     ``method``: a method name with its parameters as keyword arguments
     (``apply(pipe, "radial", decay_factor=0.2)``), or a method config
@@ -133,6 +150,12 @@ def apply(pipe_or_model, method, **params) -> Handle:
     inferred from the timesteps of its calls.
     """
     spec, params = _method_and_params(method, params)
+    if placement is not None:
+        if not isinstance(placement, Placement):
+            raise ValueError(f"placement must be a diffusion_attn.placement.Placement, got {type(placement).__name__}")
+        both = _placement_given(spec, method, params if isinstance(params, dict) else {})
+        if both:
+            raise ValueError(f"give the placement either as placement= or as {', '.join(both)}, not both")
     models = denoisers(pipe_or_model)
     families = [family_of(m) for m in models]
     for fam in families:
@@ -164,13 +187,17 @@ def apply(pipe_or_model, method, **params) -> Handle:
             attach_context(m, context, fam.read_call, watch)
             undo.append(lambda m=m: detach_context(m))
             undo.extend(spec.install(m, fam, context, config))
+            if placement is not None:  # the processors this apply installed act where the placement says
+                for proc in get_processors(m).values():
+                    if isinstance(proc, PatternProcessor) and proc.context is context:
+                        proc.placement = placement
     except BaseException:
         failed = _run_undo(undo)
         if failed:
             raise failed[-1][1]
         raise
     handle = Handle(spec.name, resolved, context, models, undo)
-    handle.config = config
+    handle.config, handle.placement = config, placement
     for m in models:
         setattr(m, _HANDLE_ATTR, handle)
     return handle

@@ -123,3 +123,40 @@ def test_head_placement_runs_the_method_on_the_chosen_heads_only():
     assert not torch.allclose(windowed[:, :, 1], plain[:, :, 1])
     with pytest.raises(ValueError, match="has 3 heads"):
         da.GNAProcessor(window=3, placement=Placement(heads=(5,))).bind(ctx, None, 0).core(q, k, v, layout)
+
+
+def test_apply_takes_a_placement():
+    """apply(..., placement=) equals the processors placed by hand; a step window as a fraction of the
+    schedule equals the same window as indices; placement= with dense_steps is an error that leaves
+    the pipeline untouched."""
+    from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
+
+    pipe = build_pipeline("tiny-flux")
+    pipe.set_progress_bar_config(disable=True)
+    model = pipe.transformer
+    run = lambda **kw: pipe(prompt="a fox", generator=torch.Generator().manual_seed(0),  # noqa: E731
+                            **default_call_kwargs("flux", num_inference_steps=4, **kw))[0]
+    original = dict(model.attn_processors)
+    stock = run()
+    with da.applied(pipe, "gna", window=3, placement=Placement(layers="single")) as h:
+        assert h.placement.layers == ("single",)
+        placed = run()
+    only_single = {n: (da.GNAProcessor(window=3) if layer_kind(n) == "single" else p) for n, p in original.items()}
+    model.set_attn_processor(only_single)
+    handle = da.attach(model)
+    try:
+        assert torch.equal(run(), placed)
+    finally:
+        handle.remove()
+        model.set_attn_processor(dict(original))  # diffusers empties the dict it is given
+    with da.applied(pipe, "gna", window=3, dense_steps=2):
+        by_index = run()
+    with da.applied(pipe, "gna", window=3, placement=Placement(steps=StepWindow(0.5))):
+        assert torch.equal(run(), by_index)
+    assert not torch.equal(by_index, stock) and not torch.equal(placed, stock)
+    with pytest.raises(ValueError, match="either as placement= or as dense_steps"):
+        da.apply(pipe, "gna", window=3, dense_steps=1, placement=Placement(layers="single"))
+    with pytest.raises(ValueError, match="either as placement= or as dense_layers"):
+        da.apply(pipe, da.GNAConfig(window=3, dense_layers=1), placement=Placement())
+    assert dict(model.attn_processors) == original and not da.remove(pipe)
+    assert torch.equal(run(), stock)
