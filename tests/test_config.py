@@ -301,3 +301,34 @@ def test_pattern_cache_key_covers_the_text_length_b5():
         with da.applied(pipe, "radial", dense_steps=0, decay_factor=0.0, backend=backend):
             outs[backend] = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kw)[0]
     torch.testing.assert_close(outs["flex"], outs["reference"], atol=1e-4, rtol=0)
+
+
+def test_masks_and_images_get_image_controls_and_comfy_sockets(toy):
+    """Mask / Image parameters: an image upload in the UI (PIL in, validated tensor / image out) and
+    ComfyUI's own MASK / IMAGE sockets (optional when not required; IMAGE (B, H, W, C) -> (C, H, W))."""
+    from PIL import Image as PILImage
+
+    from diffusion_attn.comfy.nodes import _make_v1_node, node_inputs
+    from diffusion_attn.ui import control_kind, parse_control
+
+    spec, _ = toy
+    mask_p, image_p = spec.param("mask"), spec.param("image")
+    assert control_kind(mask_p) == control_kind(image_p) == "image"
+    upload = PILImage.new("L", (6, 4), color=255)
+    mask = parse_control(mask_p, upload)
+    assert torch.is_tensor(mask) and mask.shape[-2:] == (4, 6) and float(mask.min()) == 1.0
+    assert parse_control(mask_p, None) is None
+    rgb = parse_control(image_p, PILImage.new("RGB", (6, 4), color=(255, 0, 0)))
+    assert rgb.size == (6, 4)
+
+    inputs = {i.name: i for i in node_inputs(spec)}
+    assert (inputs["mask"].kind, inputs["image"].kind) == ("MASK", "IMAGE")
+    types = _make_v1_node(spec).INPUT_TYPES()
+    assert types["optional"]["mask"][0] == "MASK" and types["optional"]["image"][0] == "IMAGE"
+    assert "mask" not in types["required"] and "boxes" in types["required"]
+    comfy_image = torch.rand(2, 4, 6, 3)  # ComfyUI: (B, H, W, C)
+    decoded = inputs["image"].decode(comfy_image)
+    assert torch.equal(decoded, comfy_image[0].permute(2, 0, 1))
+    assert torch.is_tensor(image_p.validate(decoded))
+    comfy_mask = torch.rand(1, 4, 6)
+    assert torch.equal(mask_p.validate(inputs["mask"].decode(comfy_mask)), comfy_mask)

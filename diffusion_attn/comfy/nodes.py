@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..registry import MethodSpec, Param, methods
+from ..registry import Image, Mask, MethodSpec, Param, methods
 from .patching import COMFY_FAMILIES, MIN_COMFYUI, SUPPORT, ComfySupport, apply_method, supported_models
 
 __all__ = [
@@ -92,7 +92,7 @@ class NodeInput:
     """One node input derived from a spec parameter (or the ``defaults_for`` combo)."""
 
     name: str
-    kind: str  # INT, FLOAT, BOOLEAN, STRING, COMBO
+    kind: str  # INT, FLOAT, BOOLEAN, STRING, COMBO; sockets: MASK, IMAGE
     default: Any
     tooltip: str
     param: Param | None = None
@@ -105,7 +105,18 @@ class NodeInput:
     #: to INT inputs named like a seed unless this is False; a method's seed must stay as typed
     control_after_generate: bool | None = None
 
+    @property
+    def socket(self) -> bool:
+        """A connected input (ComfyUI's MASK / IMAGE sockets), not a widget; optional unless required."""
+        return self.kind in ("MASK", "IMAGE")
+
+    @property
+    def optional(self) -> bool:
+        return self.socket and not (self.param is not None and self.param.required)
+
     def v1(self) -> tuple:
+        if self.socket:
+            return (self.kind, {"tooltip": self.tooltip})
         opts = {"default": self.default, "tooltip": self.tooltip}
         if self.kind == "COMBO":
             return (list(self.options), opts)
@@ -118,6 +129,9 @@ class NodeInput:
         return (self.kind, opts)
 
     def v3(self, io):
+        if self.socket:
+            socket = io.Mask if self.kind == "MASK" else io.Image
+            return socket.Input(self.name, optional=self.optional, tooltip=self.tooltip)
         common = dict(default=self.default, tooltip=self.tooltip)
         if self.kind == "INT":
             if self.control_after_generate is not None:
@@ -133,6 +147,12 @@ class NodeInput:
 
     def decode(self, value):
         """The widget value as a spec value; :data:`_UNSET` leaves the parameter to its default."""
+        if self.socket:
+            if value is None:  # an optional socket left unconnected
+                return _UNSET
+            if self.kind == "IMAGE":  # ComfyUI's IMAGE is (B, H, W, C) in [0, 1]: the first image, as (C, H, W)
+                return value[0].permute(2, 0, 1)
+            return value  # ComfyUI's MASK is (B, H, W) or (H, W) in [0, 1], as a Mask parameter takes it
         if self.unset is not _UNSET:
             if self.kind == "FLOAT" and isinstance(value, (int, float)) and abs(value - self.unset) < 1e-9:
                 return _UNSET
@@ -159,6 +179,8 @@ def _is_seed(name: str) -> bool:
 
 
 def _param_input(spec: MethodSpec, p: Param) -> NodeInput:
+    if p.type in (Mask, Image):  # ComfyUI's own MASK / IMAGE sockets (connected, not typed)
+        return NodeInput(p.name, "MASK" if p.type is Mask else "IMAGE", None, p.help + (" (required)" if p.required else ""), p)
     lo, hi = p.range if p.range is not None else (None, None)
     optional = p.default is None and not p.required
     tip = p.help + (" (required)" if p.required else "")
@@ -274,8 +296,9 @@ def _make_v1_node(spec: MethodSpec) -> type:
 
     def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's name)
         required = {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})}
-        required.update((i.name, i.v1()) for i in inputs)
-        return {"required": required}
+        required.update((i.name, i.v1()) for i in inputs if not i.optional)
+        optional = {i.name: i.v1() for i in inputs if i.optional}
+        return {"required": required, "optional": optional} if optional else {"required": required}
 
     def patch(self, model, **values):
         return (apply_node(spec, model, values),)

@@ -22,8 +22,13 @@ def control_kind(param) -> str:
     model), ``number`` (int/float otherwise: a number box, or a textbox where blank means "per model",
     as an untouched empty ``gr.Number`` reads as 0), ``checkbox`` (bool with a default), ``tristate``
     (bool whose default is per model: default / on / off), ``choice`` (a dropdown of ``choices``),
-    ``tuple`` (a textbox like ``3,8,8``), ``text`` (other strings).
+    ``tuple`` (a textbox like ``3,8,8``), ``image`` (masks and images: an image upload), ``text``
+    (other strings, and the other input types -- boxes, prompt lists, head lists -- as typed text).
     """
+    from ..registry import Image, Mask
+
+    if param.type in (Mask, Image):
+        return "image"
     if param.choices is not None:
         return "choice"
     if param.type is bool:
@@ -144,6 +149,11 @@ def _make_control(gr, spec, p) -> _Control:
         comp = gr.Textbox("", label=label, info=info, elem_id=elem, max_lines=1, placeholder="blank = default")
     elif kind == "checkbox":
         comp = gr.Checkbox(value=p.default, label=label, info=info, elem_id=elem)
+    elif kind == "image":  # a mask uploads as grayscale, an image as RGB; the parameter validates either
+        from ..registry import Mask
+
+        comp = gr.Image(type="pil", image_mode="L" if p.type is Mask else "RGB", label=f"{label}: {info}",
+                        elem_id=elem, sources=["upload", "clipboard"])
     elif kind == "tristate":
         comp = gr.Radio(list(TRISTATE), value=DEFAULT_CHOICE, label=label, info=info, elem_id=elem)
     elif kind == "choice":
