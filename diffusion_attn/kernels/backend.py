@@ -171,3 +171,17 @@ class Backend:
         """The key of :meth:`prepare`'s result for ``request``: the backend and every compared field of the
         request (derived, so a field added to :class:`Request` or :class:`TokenLayout` is in it)."""
         return (self.name, *request.key())
+
+
+def available_if(require: Callable[[], object]) -> Callable[[str], str | None]:
+    """An ``available`` check for an optional package: ``require()`` raises ImportError (naming the
+    extra to install) when it is missing; the check returns that message, or None when it imports."""
+
+    def available(device_type: str) -> str | None:
+        try:
+            require()
+        except ImportError as e:
+            return str(e)
+        return None
+
+    return available

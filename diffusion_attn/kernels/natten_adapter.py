@@ -36,7 +36,7 @@ import torch
 from ..layout import TokenLayout
 from ..patterns.base import BoxPattern
 from ..patterns.neighborhood import neighborhood_axis
-from .backend import Backend
+from .backend import Backend, available_if
 from .capabilities import grid_pattern_of
 from .reference import check_inputs, text_query_attention
 
@@ -222,12 +222,6 @@ def natten_attention(
     return out
 
 
-def _available(device_type: str):
-    try:
-        require()
-    except ImportError as e:
-        return str(e)
-    return None
 
 
 def _check(request):
@@ -258,5 +252,5 @@ def _run(q, k, v, request, prepared, key_padding_mask, scale):
 
 BACKEND = Backend(
     "natten", "NATTEN's na1d/na2d/na3d for GNA patterns, text as additional keys (opt-in; fast on CUDA)", _run,
-    needs=(("box",),), value_dim=False, available=_available, check=_check, prepare=_prepare,
+    needs=(("box",),), value_dim=False, available=available_if(require), check=_check, prepare=_prepare,
 )

@@ -45,7 +45,7 @@ from ..patterns.base import AxisWindows, BoxPattern
 from .backend import Backend
 from .reference import check_inputs, text_query_attention
 
-__all__ = ["AxisGroup", "BACKEND", "WindowPlan", "window_attention", "window_partition", "MAX_WINDOW_SHAPES"]
+__all__ = ["AxisGroup", "BACKEND", "WindowPlan", "window_attention", "window_partition", "MAX_WINDOW_SHAPES", "prepare_window_plan"]
 
 #: More window shapes than this (only with heavily dilated, unevenly divided axes) are left to gather.
 MAX_WINDOW_SHAPES = 64
@@ -313,19 +313,20 @@ def finish_windows(out, og, q, k, v, plan: WindowPlan, layout: TokenLayout, kpm,
     return out
 
 
-def _prepare(request):
+def prepare_window_plan(request):
+    """The window plan of a request's pattern on its device (the windows and xformers backends' prepare)."""
     from .capabilities import window_plan_of
 
     return window_plan_of(request.pattern).to(request.device or "cpu")
 
 
 def _run(q, k, v, request, prepared, key_padding_mask, scale):
-    plan = prepared if prepared is not None else _prepare(request)
+    plan = prepared if prepared is not None else prepare_window_plan(request)
     return window_attention(q, k, v, plan, request.layout, key_padding_mask=key_padding_mask, scale=scale)
 
 
 BACKEND = Backend(
     "windows", "reshape into non-overlapping windows + SDPA: window partitions (blocked GNA, HiDiffusion's "
     "shifted windows; measured as fast as gather on even windows, faster with borders or text)", _run,
-    needs=(("partition",),), prepare=_prepare, auto=lambda r: True,
+    needs=(("partition",),), prepare=prepare_window_plan, auto=lambda r: True,
 )

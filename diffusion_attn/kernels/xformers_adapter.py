@@ -24,8 +24,8 @@ import math
 import torch
 
 from ..layout import TokenLayout
-from .backend import Backend
-from .windows import WindowPlan, _windows, finish_windows, window_grids, window_partition
+from .backend import Backend, available_if
+from .windows import WindowPlan, _windows, finish_windows, prepare_window_plan, window_grids, window_partition
 
 __all__ = ["BACKEND", "available", "require", "supports", "xformers_attention"]
 
@@ -124,27 +124,15 @@ def xformers_attention(
     return finish_windows(out, og, q, k, v, plan, layout, kpm, scale)
 
 
-def _available(device_type: str):
-    try:
-        require()
-    except ImportError as e:
-        return str(e)
-    return None
-
-
-def _prepare(request):
-    from .capabilities import window_plan_of
-
-    return window_plan_of(request.pattern).to(request.device or "cpu")
 
 
 def _run(q, k, v, request, prepared, key_padding_mask, scale):
-    plan = prepared if prepared is not None else _prepare(request)
+    plan = prepared if prepared is not None else prepare_window_plan(request)
     return xformers_attention(q, k, v, plan, request.layout, key_padding_mask=key_padding_mask, scale=scale)
 
 
 BACKEND = Backend(
     "xformers", "xformers' memory-efficient attention, window partitions as one block-diagonal call (CUDA; "
     "opt-in)", _run,
-    needs=(("partition",),), devices=frozenset({"cuda"}), available=_available, prepare=_prepare,
+    needs=(("partition",),), devices=frozenset({"cuda"}), available=available_if(require), prepare=prepare_window_plan,
 )
