@@ -26,7 +26,8 @@ __all__ = ["main", "build_parser", "parse_grid"]
 #: generation / command flags' destinations; a method parameter of the same name gets a --<method>- prefix
 RESERVED = {"help", "command", "method", "model", "prompt", "height", "width", "num_frames", "steps", "guidance_scale",
             "seed", "dtype", "device", "output", "attention_backend", "progress", "warmup", "grid", "text",
-            "text_position", "family", "max_side", "host", "port", "share", "debug", "json", "directory", "q_tile", "kv_tile"}
+            "text_position", "family", "max_side", "host", "port", "share", "debug", "json", "directory", "q_tile", "kv_tile",
+            "place_layers", "place_steps", "place_branches", "place_heads"}
 
 
 def _flag(name: str) -> str:
@@ -132,10 +133,27 @@ class _Progress:
             self.bar.close()
 
 
+def _placement(args):
+    """The ``--place-*`` placement (see :meth:`diffusion_attn.placement.Placement.parse`), or None; checked
+    before anything loads."""
+    from .placement import Placement
+
+    placement = Placement.parse(args.place_layers, args.place_steps, args.place_branches, args.place_heads)
+    if placement is None:
+        return None
+    if args.method == "none":
+        raise ValueError("--method none (stock attention) takes no placement flags (--place-layers, --place-steps, "
+                         "--place-branches, --place-heads)")
+    both = [f for f in _given_method_flags(args) if f.endswith(("dense-layers", "dense-steps"))]
+    if both:
+        raise ValueError(f"give the placement either as --place-* flags or as {', '.join(both)}, not both")
+    return placement
+
+
 def _generation_kwargs(args) -> dict:
     return dict(prompt=args.prompt, height=args.height, width=args.width, num_frames=args.num_frames, steps=args.steps,
                 guidance_scale=args.guidance_scale, seed=args.seed, dtype=args.dtype, device=args.device,
-                attention_backend=args.attention_backend)
+                attention_backend=args.attention_backend, placement=_placement(args))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -352,6 +370,13 @@ def _add_generation_args(p: argparse.ArgumentParser, output_default: str, output
     p.add_argument("--attention-backend", dest="attention_backend", default=None, metavar="NAME",
                    help="diffusers attention dispatcher backend for the dense layers and stock processors "
                         "(native, flex, flash, sage, xformers, ...; transformer models only)")
+    where = p.add_argument_group("placement (instead of the method's dense_layers / dense_steps)")
+    where.add_argument("--place-layers", dest="place_layers", metavar="SEL", help="layers the method acts on: indices, ranges a-b and kinds "
+                       "(double, single, down, mid, up, block), e.g. single or 0-3,single")
+    where.add_argument("--place-steps", dest="place_steps", metavar="START,END",
+                       help="steps the method acts on: indices (2,10) or fractions of the schedule (0.25,1.0); END may be empty")
+    where.add_argument("--place-branches", dest="place_branches", metavar="NAMES", help="guidance branches: cond, uncond, perturbed, reference")
+    where.add_argument("--place-heads", dest="place_heads", metavar="H", help="attention heads the method acts on, e.g. 0,3")
     p.add_argument("--output", "-o", default=output_default, help=output_help)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on stderr (default: on)")
 

@@ -158,6 +158,7 @@ def compare(
     attention_backend: str | None = None,
     callback: Callable[[int, int], None] | None = None,
     warmup: bool = False,
+    placement=None,
 ) -> CompareResult:
     """Run ``model`` with stock attention and with ``method`` (same seed, prompt and call) and compare.
 
@@ -184,7 +185,7 @@ def compare(
             callback(offset[0] + i, 2 * total)
 
     # the method first: one-off costs of a fresh pipeline land on the method, never flatter it
-    method_result = generate(model, method, params, callback=cb, **kwargs)
+    method_result = generate(model, method, params, callback=cb, placement=placement, **kwargs)
     offset[0] = seen[0]
     dense_result = generate(model, "none", callback=cb, **kwargs)
     mean_d, max_d, psnr = difference(dense_result, method_result)

@@ -25,6 +25,7 @@ as before.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -173,6 +174,53 @@ class Placement:
         ``dense_steps`` steps stay dense."""
         skip = (range(0, int(dense_layers)),) if dense_layers else None
         return cls(skip_layers=skip, steps=StepWindow(int(dense_steps)), **kw)
+
+    @classmethod
+    def parse(cls, layers: str | None = None, steps: str | None = None, branches: str | None = None,
+              heads: str | None = None) -> "Placement | None":
+        """A placement from command-line text, None when every part is empty. ``layers``: comma-separated
+        indices, ranges ``a-b`` (inclusive) and kinds (``single,0-3``); ``steps``: ``START,END`` of the step
+        window, ints (indices) or fractions with a decimal point (``0.25,1.0``); ``END`` may be empty (to the
+        end); ``branches``: comma-separated names; ``heads``: comma-separated head indices."""
+        def items(text):
+            return [t.strip() for t in text.split(",") if t.strip()] if text and text.strip() else []
+
+        selectors = []
+        for item in items(layers):
+            if re.fullmatch(r"\d+", item):
+                selectors.append(int(item))
+            elif re.fullmatch(r"\d+-\d+", item):
+                lo, hi = (int(x) for x in item.split("-"))
+                if hi < lo:
+                    raise ValueError(f"layer range {item!r} ends before it starts; accepted: a-b with a <= b")
+                selectors.append(range(lo, hi + 1))
+            else:
+                selectors.append(item)  # a kind: checked by Placement
+        window = StepWindow()
+        if steps and steps.strip():
+            parts = [t.strip() for t in steps.split(",")]
+            if len(parts) != 2:
+                raise ValueError(f"a step window is START,END (END may be empty), got {steps!r}")
+
+            def bound(text):
+                if text == "":
+                    return None
+                try:
+                    return float(text) if "." in text else int(text)
+                except ValueError:
+                    raise ValueError(f"step window bound {text!r} is neither a step index nor a fraction like 0.25") from None
+
+            start, end = bound(parts[0]), bound(parts[1])
+            window = StepWindow(0 if start is None else start, end)
+        names = tuple(items(branches)) or None
+        head_list = items(heads)
+        try:
+            head_idx = tuple(int(h) for h in head_list) or None
+        except ValueError:
+            raise ValueError(f"heads are comma-separated head indices, got {heads!r}") from None
+        if not selectors and window.is_everything and names is None and head_idx is None:
+            return None
+        return cls(layers=tuple(selectors) or None, steps=window, branches=names, heads=head_idx)
 
     # -- questions --------------------------------------------------------------------------------
     def layer_on(self, index: int, kind: str | None = None) -> bool:

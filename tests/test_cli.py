@@ -379,3 +379,42 @@ def test_bad_method_values_fail_before_loading(capsys, no_loading):
     assert "'window' must be an int or a tuple of ints" in capsys.readouterr().err
     assert main(["generate", "--method", "radial", "--model", "tiny-wan", "--backend", "strips"]) == 2
     assert "backend='strips' cannot run radial" in capsys.readouterr().err
+
+
+def test_placement_flags(tmp_path, capsys):
+    """--place-layers / --place-steps give the same image as apply(..., placement=...); the placement is in
+    the metadata; with dense flags, with --method none, or malformed, it fails before loading."""
+    from diffusion_attn.placement import Placement, StepWindow
+
+    out = tmp_path / "placed"
+    assert main(["generate", "--method", "gna", "--window", "3", "--model", "tiny-flux", "--steps", "4", "--no-progress",
+                 "--place-layers", "single,0", "--place-steps", "0.5,", "--output", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["placement"] == "layers single,0; steps [0.5, end)"
+    placement = Placement(layers=("single", 0), steps=StepWindow(0.5))
+    by_api = runner.generate("tiny-flux", "gna", {"window": 3}, prompt=meta["prompt"], steps=4, placement=placement)
+    by_cli = runner.generate("tiny-flux", "gna", {"window": 3}, prompt=meta["prompt"], steps=4,
+                             placement=Placement.parse("single,0", "0.5,"))
+    stock = runner.generate("tiny-flux", "none", prompt=meta["prompt"], steps=4)
+    assert np.array_equal(np.asarray(by_api.image), np.asarray(by_cli.image))
+    assert not np.array_equal(np.asarray(by_api.image), np.asarray(stock.image))
+    assert Placement.parse("0-2,up", "2,10", "cond", "1,3") == Placement(
+        layers=(range(0, 3), "up"), steps=StepWindow(2, 10), branches=("cond",), heads=(1, 3))
+    assert Placement.parse(None, " ", "", None) is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--place-layers", "single", "--dense-steps", "1"], "either as --place-* flags or as --dense-steps, not both"),
+    (["--place-layers", "encoder"], "unknown layer kind 'encoder'"),
+    (["--place-layers", "3-1"], "layer range '3-1' ends before it starts"),
+    (["--place-steps", "0.5"], "a step window is START,END"),
+    (["--place-steps", "a,b"], "step window bound 'a' is neither a step index nor a fraction"),
+    (["--place-steps", "1.5,"], "must be in [0, 1]"),
+    (["--place-heads", "x"], "heads are comma-separated head indices"),
+])
+def test_placement_flag_errors_before_loading(capsys, no_loading, argv, message):
+    assert main(["generate", "--method", "gna", "--window", "3", "--model", "tiny-flux", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert main(["generate", "--method", "none", "--model", "tiny-flux", "--place-steps", "1,2"]) == 2
+    assert "takes no placement flags" in capsys.readouterr().err

@@ -155,6 +155,7 @@ def generate(
     device: str = "cpu",
     attention_backend: str | None = None,
     callback: Callable[[int, int], None] | None = None,
+    placement=None,
 ) -> GenerationResult:
     """Run ``model`` with ``method`` applied and return the frames, timings and reproduction metadata.
 
@@ -168,7 +169,8 @@ def generate(
     denoiser(s) with ``set_attention_backend`` for this call and restored afterwards (dense layers and the
     stock processors use it). ``callback(step_index, total)`` is called after every denoising step
     (``step_index`` 0-based, so ``step_index + 1`` of ``total`` steps are done); while a callback is
-    given, the pipeline's own tqdm bar is off.
+    given, the pipeline's own tqdm bar is off. ``placement``: a :class:`~diffusion_attn.placement.Placement`
+    for the method (see :func:`diffusion_attn.apply`); ignored for ``"none"``.
 
     The method is removed again before returning (also on errors), so a cached pipeline stays stock.
     Raises ``ValueError`` for bad methods, parameters and sizes, ``OSError`` when a model cannot load.
@@ -238,7 +240,7 @@ def generate(
         hooks = []
         bar_config = copy.deepcopy(getattr(pipe, "_progress_bar_config", None))
         try:
-            handle = apply(pipe, method, **params) if spec is not None else None
+            handle = apply(pipe, method, placement=placement, **params) if spec is not None else None
             if attention_backend is not None:
                 restore_backend = _set_attention_backend(models, attention_backend)
             hooks = [m.register_forward_pre_hook(first_call) for m in models]
@@ -282,6 +284,7 @@ def generate(
         "dtype": str(_torch_dtype(dtype) if isinstance(model, str) else getattr(pipe, "dtype", "")).replace("torch.", ""),
         "device": str(gen_device),
         "attention_backend": attention_backend,
+        "placement": None if placement is None or spec is None else placement.describe(),
         "call_kwargs": jsonable({k: v for k, v in call_kwargs.items() if k != "output_type"}),
         "size": {"width": frames[0].width, "height": frames[0].height, "frames": len(frames)},
         "seconds": round(seconds, 4),
