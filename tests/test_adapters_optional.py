@@ -50,7 +50,7 @@ def test_natten_missing_names_the_extra(monkeypatch):
     assert not natten_adapter.available()
     layout = TokenLayout((4, 4))
     q, k, v = qkv(layout)
-    with pytest.raises(ImportError, match=r'pip install "diffusion-attn\[natten\]"'):
+    with pytest.raises(ImportError, match=r'pip install --no-build-isolation "diffusion-attn\[natten\]" \(after torch\)'):
         natten_adapter.natten_attention(q, k, v, neighborhood_pattern((4, 4), 2), layout)
     assert not natten_adapter.can_run(q, layout)
 

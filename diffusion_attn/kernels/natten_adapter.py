@@ -23,7 +23,9 @@ cyclic shift and dilation together, and anything else return ``None``.
 
 Performance note: NATTEN >= 0.20 has no CPU kernels; on CPU it runs FlexAttention uncompiled (slow,
 and the Flex backend limits ``head_dim``). The automatic backend choice should use it on CUDA only.
-Install: ``pip install "diffusion-attn[natten]"`` (CUDA wheels: see https://natten.org/install).
+Install: ``pip install --no-build-isolation "diffusion-attn[natten]"`` after torch (PyPI has only an sdist
+whose build imports torch; an isolated build would fetch another torch). CUDA wheels: see
+https://natten.org/install.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .reference import check_inputs, text_query_attention
 
 __all__ = ["BACKEND", "GNAParams", "available", "can_run", "gna_params", "natten_attention", "require", "supports"]
 
-INSTALL_HINT = 'pip install "diffusion-attn[natten]"'
+INSTALL_HINT = 'pip install --no-build-isolation "diffusion-attn[natten]" (after torch)'
 MIN_VERSION = (0, 20)
 
 
