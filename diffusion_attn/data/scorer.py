@@ -3,7 +3,8 @@
 Detection (:func:`detect`): every pixel takes the nearest palette colour in RGB if it is within
 ``threshold`` of it, else it is background; a palette colour that covers most of the image border is
 background too (a model may paint the background in a shape colour). Each colour's pixels are split into
-8-connected components (``scipy.ndimage.label``), components under ``min_area`` of the image are dropped,
+8-connected components (``scipy.ndimage.label``), grown by hysteresis into the neighbouring pixels within
+a looser ``grow`` distance (soft edges), components under ``min_area`` of the image are dropped,
 and each component's shape is classified from its geometry:
 
 * fill ratio = area / bounding-box area: square ~ 1, circle ~ pi/4 = 0.785, triangle ~ 0.5;
@@ -133,37 +134,58 @@ def _classify(comp: np.ndarray) -> tuple[str, float, float]:
     return "circle", fill, aspect
 
 
+def _nearest(image) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the nearest palette colour and the RGB distance to it, per pixel."""
+    x = to_uint8(image).astype(np.float32)
+    dist = np.linalg.norm(x[:, :, None, :] - _RGB[None, None], axis=-1)  # (H, W, P)
+    return dist.argmin(-1), dist.min(-1)
+
+
+def _border_colour(labels: np.ndarray) -> int:
+    """The palette index covering over half of the image border, or ``-1``."""
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    values, counts = np.unique(border, return_counts=True)
+    return int(values[counts.argmax()]) if counts.max() > border.size / 2 else -1
+
+
 def segment(image, threshold: float = 45.0) -> np.ndarray:
     """Per-pixel palette index (``-1`` = background) of an image: the nearest palette colour within
     ``threshold`` (RGB distance); a palette colour covering over half of the border is background."""
-    x = to_uint8(image).astype(np.float32)
-    dist = np.linalg.norm(x[:, :, None, :] - _RGB[None, None], axis=-1)  # (H, W, P)
-    labels = dist.argmin(-1)
-    labels[dist.min(-1) > threshold] = -1
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    values, counts = np.unique(border, return_counts=True)
-    if values[counts.argmax()] >= 0 and counts.max() > border.size / 2:
-        labels[labels == values[counts.argmax()]] = -1
+    nearest, dist = _nearest(image)
+    labels = np.where(dist <= threshold, nearest, -1)
+    background = _border_colour(labels)
+    if background >= 0:
+        labels[labels == background] = -1
     return labels
 
 
-def detect(image, threshold: float = 45.0, min_area: float = 0.0015, min_pixels: int = 12) -> list[Detection]:
-    """The shapes in an image (see the module docstring). ``min_area`` is a fraction of the image; a
-    component smaller than that (or than ``min_pixels``) is noise and dropped."""
+def detect(image, threshold: float = 45.0, grow: float = 75.0, min_area: float = 0.0015,
+           min_pixels: int = 12) -> list[Detection]:
+    """The shapes in an image (see the module docstring).
+
+    Hysteresis as in edge detection: a shape's pixels are the connected pixels nearest to its colour
+    within ``grow`` that contain at least one pixel within ``threshold`` (soft, blurred or compressed edges
+    join the shape they border; a background never comes within ``grow`` of the palette). ``min_area`` is a
+    fraction of the image; a component smaller than that (or than ``min_pixels``) is noise and dropped."""
     from scipy import ndimage
 
-    labels = segment(image, threshold)
-    h, w = labels.shape
+    nearest, dist = _nearest(image)
+    strict = np.where(dist <= threshold, nearest, -1)
+    loose = np.where(dist <= max(grow, threshold), nearest, -1)
+    background = _border_colour(strict)
+    h, w = strict.shape
     smallest = max(min_pixels, min_area * h * w)
     found = []
     for index, name in enumerate(_NAMES):
-        comps, n = ndimage.label(labels == index, structure=np.ones((3, 3), dtype=bool))
-        if n == 0:
+        if index == background or not (strict == index).any():
             continue
+        comps, n = ndimage.label(loose == index, structure=np.ones((3, 3), dtype=bool))
+        seeded = np.zeros(n + 1, dtype=bool)
+        seeded[np.unique(comps[strict == index])] = True
         for i, sl in enumerate(ndimage.find_objects(comps), start=1):
             comp = comps[sl] == i
             area = int(comp.sum())
-            if area < smallest:
+            if not seeded[i] or area < smallest:
                 continue
             shape, fill, aspect = _classify(comp)
             box = (sl[1].start / w, sl[0].start / h, sl[1].stop / w, sl[0].stop / h)
