@@ -543,6 +543,21 @@ def _stub_io():
     )
 
 
+def _package_with_comfy_api(monkeypatch, io):
+    """A stand-in ``comfy_api.latest`` (with ``io`` and ``ComfyExtension``) in sys.modules, and a second
+    instance of the ``diffusion_attn.comfy`` package module executed against it (same name, not put in
+    sys.modules; nothing reloaded). Returns ``(module, latest)``."""
+    api = types.ModuleType("comfy_api")
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
+    monkeypatch.setitem(sys.modules, "comfy_api", api)
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
+    spec = importlib.util.spec_from_file_location("diffusion_attn.comfy", dcomfy.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, latest
+
+
 def test_v3_nodes_mirror_v1(comfy, monkeypatch):
     io = _stub_io()
     v3 = {cls.define_schema().kwargs["node_id"]: cls for cls in cnodes.build_v3_nodes(io)}
@@ -558,15 +573,7 @@ def test_v3_nodes_mirror_v1(comfy, monkeypatch):
     assert runtime_of(result.args[0]).params == get_method("radial").resolve({}, "wan")
 
     # comfy_entrypoint appears when comfy_api imports
-    api = types.ModuleType("comfy_api")
-    latest = types.ModuleType("comfy_api.latest")
-    latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
-    monkeypatch.setitem(sys.modules, "comfy_api", api)
-    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
-    # a second instance of the package module (same name, not put in sys.modules; nothing reloaded)
-    spec = importlib.util.spec_from_file_location("diffusion_attn.comfy", dcomfy.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module, latest = _package_with_comfy_api(monkeypatch, io)
     extension = asyncio.run(module.comfy_entrypoint())
     assert isinstance(extension, latest.ComfyExtension)
     assert len(asyncio.run(extension.get_node_list())) == len(methods())
@@ -729,14 +736,7 @@ def test_v3_seed_keeps_its_value_and_exported_folder_exposes_v3(comfy, monkeypat
     others = [i for i in node.define_schema().kwargs["inputs"][1:] if i.args[0] != "seed"]
     assert all("control_after_generate" not in i.kwargs for i in others)
 
-    api = types.ModuleType("comfy_api")
-    latest = types.ModuleType("comfy_api.latest")
-    latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
-    monkeypatch.setitem(sys.modules, "comfy_api", api)
-    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
-    spec = importlib.util.spec_from_file_location("diffusion_attn.comfy", dcomfy.__file__)
-    with_v3 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(with_v3)
+    with_v3, _ = _package_with_comfy_api(monkeypatch, io)
     monkeypatch.setitem(sys.modules, "diffusion_attn.comfy", with_v3)
     monkeypatch.setattr(sys.modules["diffusion_attn"], "comfy", with_v3)
     folder = tmp_path / "nodes"
