@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .unet import level_grid
+from .variants import grid_rank
 from ..layout import TokenLayout
 
 __all__ = [
@@ -100,7 +101,11 @@ class ComfyFamily:
     kind: str  # "dit" (attention override) or "unet" (attn1 replace)
     read: Callable | None = None  # (diffusion_model, x, context, extras) -> (TokenLayout, cross-attn key lengths)
     check: Callable | None = None  # (diffusion_model) -> reason it is unsupported, or None
-    grid_rank: int = 2  # axes of the token grid: 2 (images) or 3 (video)
+
+    @property
+    def grid_rank(self) -> int:
+        """Axes of the token grid: 2 (images) or 3 (video), as the diffusers family of the same name has."""
+        return grid_rank(self.name)
 
 
 COMFY_FAMILIES: dict[str, ComfyFamily] = {f.name: f for f in (
@@ -109,9 +114,9 @@ COMFY_FAMILIES: dict[str, ComfyFamily] = {f.name: f for f in (
     ComfyFamily("sd3", ("OpenAISignatureMMDITWrapper",), "SD 3 / 3.5 (comfy MMDiT joint blocks, text "
                 "first; SD3.5-Medium's image-only second attention stays dense)", "dit", _read_sd3),
     ComfyFamily("wan", ("WanModel", "VaceWanModel", "CameraWanModel"), "Wan 2.1 / 2.2 T2V, I2V, FLF2V, TI2V-5B, "
-                "VACE, Fun Camera (self-attention; cross-attention untouched)", "dit", _read_wan, grid_rank=3),
+                "VACE, Fun Camera (self-attention; cross-attention untouched)", "dit", _read_wan),
     ComfyFamily("hunyuanvideo", ("HunyuanVideo",), "HunyuanVideo T2V / I2V (video first, text last)", "dit",
-                _read_hunyuan, _check_hunyuan, grid_rank=3),
+                _read_hunyuan, _check_hunyuan),
     ComfyFamily("unet", ("UNetModel",), "SD 1.5 / 2.1 and SDXL UNets (attn1 of the transformer blocks)", "unet"),
 )}
 

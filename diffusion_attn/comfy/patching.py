@@ -147,16 +147,6 @@ _CHECKED_BACKENDS = ("windows", "strips", "flex", "triton", "natten", "xformers"
 _PROBE_AXIS = 16
 
 
-def _check_tuple_ranks(spec: MethodSpec, params: dict, family: ComfyFamily) -> None:
-    rank = family.grid_rank
-    for p in spec.params:
-        value = params.get(p.name)
-        if p.type is tuple and value is not None and len(value) not in (1, rank):
-            raise ValueError(
-                f"{spec.name}: {p.name}={','.join(map(str, value))} has {len(value)} entries, but "
-                f"{family.name} models have a {rank}-D token grid; accepted: one int (all axes) or {rank} ints")
-
-
 def _probe_layout(spec: MethodSpec, params: dict, family: ComfyFamily) -> TokenLayout:
     """A grid of the family's rank that every tuple parameter fits (each axis a multiple of the product of
     the parameters' values on it), for the checks that do not depend on the real grid."""
@@ -222,8 +212,8 @@ def apply_method(model, spec: MethodSpec, params: dict | None = None, defaults_f
     if _already_applied(model):
         raise ValueError("a diffusion_attn method is already applied to this model; use one Apply node per model")
     variant = family.name if defaults_for in (None, "", "auto") else defaults_for
-    resolved = spec.resolve({**(params or {}), **support.fixed}, variant)
-    _check_tuple_ranks(spec, resolved, family)
+    # the config's checks, the family's grid rank included (as diffusion_attn.apply makes them)
+    resolved = spec.make_config({**(params or {}), **support.fixed}, variant, family=family.name).to_dict()
     check_backend(spec, resolved, family, _model_device(model))
     runtime = MethodRuntime(spec, resolved, support, start_percent=start_percent, end_percent=end_percent)
     from comfy.patcher_extension import WrappersMP
