@@ -362,7 +362,7 @@ def _add_generation_args(p: argparse.ArgumentParser, output_default: str, output
     p.add_argument("--height", type=int, help="pixels (default: the model's small default)")
     p.add_argument("--width", type=int, help="pixels (default: the model's small default)")
     p.add_argument("--num-frames", dest="num_frames", type=int, help="frames, video models only")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the trained tiny models' own, 20-25; else 4)")
     p.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=float, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="weights dtype (default: float32)")
@@ -379,6 +379,57 @@ def _add_generation_args(p: argparse.ArgumentParser, output_default: str, output
     where.add_argument("--place-heads", dest="place_heads", metavar="H", help="attention heads the method acts on, e.g. 0,3")
     p.add_argument("--output", "-o", default=output_default, help=output_help)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on stderr (default: on)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .training import TARGETS
+
+    p.add_argument("target", choices=TARGETS + ("all",), help="what to train; 'all' trains everything in order")
+    p.add_argument("--output-dir", dest="output_dir", default="runs", help="run folders go to OUTPUT_DIR/TARGET (default: runs)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the target's, see docs/training.md)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="batch size per process (default: the target's)")
+    p.add_argument("--lr", type=float, help="peak learning rate, cosine decay after 100 warm-up steps (default: the target's)")
+    p.add_argument("--data-size", dest="data_size", type=int, help="training pool size (seeds 0..N-1; default: the target's)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch seed (default: 0)")
+    p.add_argument("--vae", help="trained VAE folder for a denoiser (default: OUTPUT_DIR/image-vae/final or video-vae/final)")
+    p.add_argument("--cache-dir", dest="cache_dir", help="cache the generated pool and its latents here")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=500, help="steps between checkpoints (default: 500)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR/TARGET/checkpoints")
+    p.add_argument("--max-minutes", dest="max_minutes", type=float, help="stop (and export) after this many minutes")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="accelerate mixed precision (default: no)")
+    p.add_argument("--install", action="store_true",
+                   help="copy the trained pipeline into the package's weights folder (what `--model tiny-flux` etc. load)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (default: on)")
+
+
+def cmd_train(args) -> int:
+    import shutil
+
+    import torch
+
+    from .models import world
+    from .training import TARGETS, TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    targets = list(TARGETS) if args.target == "all" else [args.target]
+    configs = [TrainConfig(t, output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           data_size=args.data_size, seed=args.seed, vae=args.vae if len(targets) == 1 else None,
+                           cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                           max_minutes=args.max_minutes, mixed_precision=args.mixed_precision, progress=args.progress)
+               for t in targets]  # all checked before any training starts
+    for config in configs:
+        final = train(config)
+        print(f"{config.target}: wrote {final}")
+        if args.install and config.target in world.WORLD_MODELS:
+            dest = world.weights_dir(config.target)
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(final, dest)
+            print(f"{config.target}: installed to {dest}")
+    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -478,6 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write a ComfyUI custom-node folder with one node per method into DIR.")
     exp.add_argument("directory", metavar="DIR", help="folder to write (e.g. ComfyUI/custom_nodes/diffusion_attn)")
     exp.set_defaults(func=cmd_export_comfy)
+
+    trn = sub.add_parser("train", help="train a shapes-world model (VAE or denoiser) from scratch",
+                         description="Train the embedded shapes-world models on accelerate (multi-GPU with `accelerate "
+                                     "launch -m diffusion_attn.cli train ...`). Order: image-vae, video-vae, then "
+                                     "tiny-flux / tiny-sd15 (image VAE) and tiny-wan (video VAE); see docs/training.md.")
+    _add_train_args(trn)
+    trn.set_defaults(func=cmd_train)
     return parser
 
 

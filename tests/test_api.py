@@ -10,8 +10,8 @@ from diffusion_attn.models.tiny import default_call_kwargs
 from diffusion_attn.processors.install import get_processors
 from pipes import pipe_cache
 
-GRID = {"tiny-flux": (8, 12), "tiny-sd3": (8, 12), "tiny-wan": (3, 8, 12), "tiny-hunyuanvideo": (3, 8, 12), "tiny-mochi": (3, 8, 12)}
-FAMILY = {"tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan", "tiny-wan22": "wan", "tiny-hunyuanvideo": "hunyuanvideo",
+GRID = {"tiny-flux-random": (8, 12), "tiny-sd3": (8, 12), "tiny-wan-random": (3, 8, 12), "tiny-hunyuanvideo": (3, 8, 12), "tiny-mochi": (3, 8, 12)}
+FAMILY = {"tiny-flux-random": "flux", "tiny-sd3": "sd3", "tiny-wan-random": "wan", "tiny-wan22": "wan", "tiny-hunyuanvideo": "hunyuanvideo",
           "tiny-mochi": "mochi"}
 
 
@@ -68,15 +68,15 @@ def test_gna_sparse_runs_and_remove_is_exact(name):
     assert_untouched(pipe, before)
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-wan"])
+@pytest.mark.parametrize("name", ["tiny-flux-random", "tiny-wan-random"])
 @pytest.mark.parametrize("cfg,batch", [(True, 1), (False, 2)])
 def test_cfg_and_batch(name, cfg, batch):
     pipe = pipe_for(name)
-    overrides = {"num_images_per_prompt" if name == "tiny-flux" else "num_videos_per_prompt": batch}
+    overrides = {"num_images_per_prompt" if name == "tiny-flux-random" else "num_videos_per_prompt": batch}
     if not cfg:
         overrides["guidance_scale"] = 1.0
     stock = generate(pipe, name, **overrides)
-    with da.applied(pipe, "gna", window=3, stride=(1, 2) if name == "tiny-flux" else 1):
+    with da.applied(pipe, "gna", window=3, stride=(1, 2) if name == "tiny-flux-random" else 1):
         out = generate(pipe, name, **overrides)
     assert out.shape == stock.shape and out.shape[0] == batch
     assert torch.isfinite(out).all()
@@ -86,7 +86,7 @@ def test_cfg_and_batch(name, cfg, batch):
 RADIAL_FRAMES = 25  # 7 latent frames x 8 x 12 = 672 tokens: 6 blocks, the last partial
 
 
-@pytest.mark.parametrize("name", ["tiny-wan", "tiny-wan22", "tiny-hunyuanvideo", "tiny-mochi"])
+@pytest.mark.parametrize("name", ["tiny-wan-random", "tiny-wan22", "tiny-hunyuanvideo", "tiny-mochi"])
 def test_radial_runs_sparse_and_dense_steps_reproduce_stock(name):
     frames = 37 if name == "tiny-mochi" else RADIAL_FRAMES  # Mochi's VAE compresses time by 6 (-> 7 latent frames)
     pipe = pipe_for(name)
@@ -106,8 +106,8 @@ def test_radial_runs_sparse_and_dense_steps_reproduce_stock(name):
 
 
 def test_radial_defaults_follow_official_scripts():
-    assert da.apply(pipe_for("tiny-wan"), "radial").params == dict(decay_factor=0.2, sink=True, dense_layers=1, dense_steps=12, backend="auto")
-    da.remove(pipe_for("tiny-wan"))
+    assert da.apply(pipe_for("tiny-wan-random"), "radial").params == dict(decay_factor=0.2, sink=True, dense_layers=1, dense_steps=12, backend="auto")
+    da.remove(pipe_for("tiny-wan-random"))
     h = da.apply(pipe_for("tiny-wan22"), "radial")
     assert (h.params["decay_factor"], h.params["dense_steps"]) == (0.8, 11)
     assert len(h.models) == 2  # transformer and transformer_2
@@ -138,12 +138,12 @@ def test_mochi_drops_padded_text_per_sample_like_stock():
 
 def test_step_index_with_cfg_as_two_calls():
     """Wan runs CFG as two transformer calls per step: both must see the same step index."""
-    pipe = pipe_for("tiny-wan")
+    pipe = pipe_for("tiny-wan-random")
     seen = []
     with da.applied(pipe, "gna", window=(3, 8, 12)) as h:
         hook = pipe.transformer.register_forward_hook(lambda m, a, o: seen.append((h.context.step, h.context.branch)))
         try:
-            generate(pipe, "tiny-wan", num_inference_steps=3)
+            generate(pipe, "tiny-wan-random", num_inference_steps=3)
         finally:
             hook.remove()
     assert seen == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
@@ -151,17 +151,17 @@ def test_step_index_with_cfg_as_two_calls():
 
 # ---------------------------------------------------------------------------------------------------
 def test_set_attn_processor_needs_attach_then_matches_apply():
-    pipe = pipe_for("tiny-flux")
+    pipe = pipe_for("tiny-flux-random")
     model = pipe.transformer
     original = dict(model.attn_processors)
     with da.applied(pipe, "gna", window=(4, 6), stride=(2, 3)):
-        via_apply = generate(pipe, "tiny-flux")
+        via_apply = generate(pipe, "tiny-flux-random")
     model.set_attn_processor(da.GNAProcessor(window=(4, 6), stride=(2, 3)))
     try:
         with pytest.raises(RuntimeError, match=r"diffusion_attn\.attach\(model\)"):
-            generate(pipe, "tiny-flux")
+            generate(pipe, "tiny-flux-random")
         handle = da.attach(model)
-        assert torch.equal(generate(pipe, "tiny-flux"), via_apply)
+        assert torch.equal(generate(pipe, "tiny-flux-random"), via_apply)
         handle.remove()
     finally:
         model.set_attn_processor(original)
@@ -197,7 +197,7 @@ def test_attention_mask_shape_and_text():
     ],
 )
 def test_bad_input_is_rejected_and_pipeline_untouched(method, params, match):
-    pipe = pipe_for("tiny-flux")
+    pipe = pipe_for("tiny-flux-random")
     before = snapshot(pipe)
     with pytest.raises(ValueError, match=match):
         da.apply(pipe, method, **params)
@@ -205,11 +205,11 @@ def test_bad_input_is_rejected_and_pipeline_untouched(method, params, match):
 
 
 def test_window_larger_than_grid_and_applying_twice():
-    pipe = pipe_for("tiny-flux")
+    pipe = pipe_for("tiny-flux-random")
     before = snapshot(pipe)
     with da.applied(pipe, "gna", window=(9, 4)):
         with pytest.raises(ValueError, match=r"does not fit the token grid 8x12.*larger than the axis \(8 tokens\)"):
-            generate(pipe, "tiny-flux")
+            generate(pipe, "tiny-flux-random")
         with pytest.raises(ValueError, match="'gna' is already applied"):
             da.apply(pipe, "gna", window=3)
     assert_untouched(pipe, before)

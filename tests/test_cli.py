@@ -27,7 +27,7 @@ def _video_suffix():
 
 def test_generate_writes_video_and_metadata(tmp_path, capsys):
     out = tmp_path / "radial"
-    assert main(["generate", "--method", "radial", "--model", "tiny-wan", "--steps", "2", "--dense-steps", "0",
+    assert main(["generate", "--method", "radial", "--model", "tiny-wan-random", "--steps", "2", "--dense-steps", "0",
                  "--decay-factor", "0.5", "--no-progress", "--output", str(out)]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["method"] == "radial" and meta["params"]["decay_factor"] == 0.5 and meta["params"]["dense_steps"] == 0
@@ -42,30 +42,30 @@ def test_generate_writes_video_and_metadata(tmp_path, capsys):
 
 def test_generate_image_png(tmp_path):
     out = tmp_path / "gna"
-    assert main(["generate", "--method", "gna", "--window", "4x6", "--stride", "2,3", "--model", "tiny-flux",
+    assert main(["generate", "--method", "gna", "--window", "4x6", "--stride", "2,3", "--model", "tiny-flux-random",
                  "--steps", "2", "--no-progress", "--output", str(out)]) == 0
     img = Image.open(out.with_suffix(".png"))
     assert img.size == (192, 128)
     meta = json.loads(img.text["diffusion_attn"])
     assert meta["params"]["window"] == [4, 6] and meta["params"]["stride"] == [2, 3]
-    assert meta["prompt"] and meta["model"] == "tiny-flux" and meta["call_kwargs"]["num_inference_steps"] == 2
+    assert meta["prompt"] and meta["model"] == "tiny-flux-random" and meta["call_kwargs"]["num_inference_steps"] == 2
     assert json.loads(out.with_suffix(".json").read_text())["params"] == meta["params"]
 
 
 def test_generate_progress_bar(tmp_path, capsys):
-    assert main(["generate", "--method", "none", "--model", "tiny-flux", "--steps", "2", "--output", str(tmp_path / "p")]) == 0
+    assert main(["generate", "--method", "none", "--model", "tiny-flux-random", "--steps", "2", "--output", str(tmp_path / "p")]) == 0
     err = capsys.readouterr().err
-    assert "none on tiny-flux" in err and "2/2" in err
+    assert "none on tiny-flux-random" in err and "2/2" in err
 
 
 def test_runner_callback_cache_and_clean_pipeline():
     calls = []
-    pipe = runner.get_pipeline("tiny-flux")
+    pipe = runner.get_pipeline("tiny-flux-random")
     stock = {k: type(v) for k, v in pipe.transformer.attn_processors.items()}
-    result = runner.generate("tiny-flux", "gna", {"window": (4, 6)}, prompt="a cat", steps=3,
+    result = runner.generate("tiny-flux-random", "gna", {"window": (4, 6)}, prompt="a cat", steps=3,
                              callback=lambda i, total: calls.append((i, total)))
     assert calls == [(0, 3), (1, 3), (2, 3)]
-    assert runner.get_pipeline("tiny-flux") is pipe  # cached
+    assert runner.get_pipeline("tiny-flux-random") is pipe  # cached
     assert {k: type(v) for k, v in pipe.transformer.attn_processors.items()} == stock  # method removed
     assert not da.remove(pipe)
     assert result.params["window"] == [4, 6] and not result.is_video and len(result.frames) == 1
@@ -83,15 +83,15 @@ def test_runner_callback_cache_and_clean_pipeline():
 def test_runner_attention_backend_is_restored():
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-    pipe = runner.get_pipeline("tiny-flux")
+    pipe = runner.get_pipeline("tiny-flux-random")
     before = _AttentionBackendRegistry._active_backend
     procs = list(pipe.transformer.attn_processors.values())
-    result = runner.generate("tiny-flux", "gna", {"window": (4, 6)}, prompt="a cat", steps=2, attention_backend="flex")
+    result = runner.generate("tiny-flux-random", "gna", {"window": (4, 6)}, prompt="a cat", steps=2, attention_backend="flex")
     assert result.meta["attention_backend"] == "flex"
     assert _AttentionBackendRegistry._active_backend == before
     assert all("_attention_backend" not in vars(p) for p in procs)
     with pytest.raises(ValueError, match=r"unknown attention backend 'flexx' \(did you mean 'flex'\?\); accepted: .*native"):
-        runner.generate("tiny-flux", prompt="a cat", steps=1, attention_backend="flexx")
+        runner.generate("tiny-flux-random", prompt="a cat", steps=1, attention_backend="flexx")
 
 
 def test_save_video_formats(tmp_path, monkeypatch):
@@ -123,7 +123,7 @@ def test_save_video_formats(tmp_path, monkeypatch):
 @pytest.mark.skipif(not runner.video_encoder_available(), reason="no MP4 encoder (imageio-ffmpeg / opencv) installed")
 def test_generate_mp4(tmp_path):
     out = tmp_path / "wan.mp4"
-    assert main(["generate", "--method", "none", "--model", "tiny-wan", "--steps", "1", "--no-progress", "--output", str(out)]) == 0
+    assert main(["generate", "--method", "none", "--model", "tiny-wan-random", "--steps", "1", "--no-progress", "--output", str(out)]) == 0
     assert out.stat().st_size > 0 and out.with_suffix(".json").exists()
 
 
@@ -137,24 +137,24 @@ def test_errors_exit_nonzero(capsys):
     assert "does not take --window" in capsys.readouterr().err
     assert main(["generate", "--method", "radail"]) == 2
     assert "did you mean 'radial'" in capsys.readouterr().err
-    assert main(["generate", "--method", "gna", "--model", "tiny-flux", "--no-progress"]) == 2
+    assert main(["generate", "--method", "gna", "--model", "tiny-flux-random", "--no-progress"]) == 2
     assert "'window' is required" in capsys.readouterr().err
-    assert main(["generate", "--method", "radial", "--model", "tiny-flux"]) == 2
+    assert main(["generate", "--method", "radial", "--model", "tiny-flux-random"]) == 2
     assert "supported families: wan, hunyuanvideo" in capsys.readouterr().err
-    assert main(["generate", "--method", "radial", "--decay-factor", "-1", "--model", "tiny-wan"]) == 2
+    assert main(["generate", "--method", "radial", "--decay-factor", "-1", "--model", "tiny-wan-random"]) == 2
     assert "'decay_factor' must be in [0.0, inf]" in capsys.readouterr().err
     assert main(["generate", "--method", "gna", "--windw", "3"]) == 2
     assert "unrecognized arguments: --windw 3 (did you mean --window?)" in capsys.readouterr().err
     assert main(["generate", "--method", "none", "--model", "tiny-fluxx"]) == 2
-    assert "Did you mean 'tiny-flux'?" in capsys.readouterr().err
+    assert "Did you mean 'tiny-flux-random'?" in capsys.readouterr().err
     assert main(["generate", "--method", "none", "--model", "/nonexistent/model-dir"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffusion-attn: error: Could not load a diffusers pipeline") and err.count("\n") == 1
-    assert main(["generate", "--method", "hidiffusion", "--model", "tiny-sd15", "--attention-backend", "native"]) == 2
+    assert main(["generate", "--method", "hidiffusion", "--model", "tiny-sd15-random", "--attention-backend", "native"]) == 2
     assert "attention backends are not supported by UNet2DConditionModel" in capsys.readouterr().err
-    assert main(["generate", "--method", "none", "--model", "tiny-flux", "--num-frames", "9"]) == 2
+    assert main(["generate", "--method", "none", "--model", "tiny-flux-random", "--num-frames", "9"]) == 2
     assert "num_frames is for video models" in capsys.readouterr().err
-    assert main(["compare", "--method", "none", "--model", "tiny-flux"]) == 2
+    assert main(["compare", "--method", "none", "--model", "tiny-flux-random"]) == 2
     assert "compare needs a method" in capsys.readouterr().err
 
 
@@ -229,7 +229,7 @@ def test_mask_errors(capsys, tmp_path):
 
 def test_compare_full_window_is_identical(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--method", "gna", "--window", "8,12", "--model", "tiny-flux", "--steps", "2",
+    assert main(["compare", "--method", "gna", "--window", "8,12", "--model", "tiny-flux-random", "--steps", "2",
                  "--no-warmup", "--no-progress", "--output", str(out)]) == 0
     assert "identical" in capsys.readouterr().out
     img = Image.open(out.with_suffix(".png"))
@@ -244,7 +244,7 @@ def test_compare_api_reports_difference():
     from diffusion_attn.compare import compare
 
     calls = []
-    cmp = compare("tiny-flux", "gna", {"window": (2, 3)}, prompt="a cat", seed=1, steps=2,
+    cmp = compare("tiny-flux-random", "gna", {"window": (2, 3)}, prompt="a cat", seed=1, steps=2,
                   callback=lambda i, total: calls.append((i, total)))
     assert calls == [(0, 4), (1, 4), (2, 4), (3, 4)]
     assert cmp.mean_abs_diff > 0 and cmp.max_abs_diff > 0 and 0 < cmp.psnr < 100
@@ -288,7 +288,7 @@ def test_ui_and_export_comfy_wiring(monkeypatch, tmp_path, capsys):
 def test_generate_from_a_saved_checkpoint_uses_its_own_defaults(tmp_path):
     from diffusion_attn.models import build_pipeline
 
-    build_pipeline("tiny-flux").save_pretrained(tmp_path / "ckpt")
+    build_pipeline("tiny-flux-random").save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "real"
     assert main(["generate", "--method", "gna", "--window", "4,6", "--model", str(tmp_path / "ckpt"), "--height", "128",
                  "--width", "192", "--steps", "1", "--no-progress", "--output", str(out)]) == 0
@@ -337,11 +337,11 @@ def test_device_cuda_without_cuda_is_one_line_before_loading(capsys, monkeypatch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in ("generate", "compare"):
-        assert main([command, "--method", "gna", "--window", "3", "--model", "tiny-flux", "--device", "cuda",
+        assert main([command, "--method", "gna", "--window", "3", "--model", "tiny-flux-random", "--device", "cuda",
                      "--no-progress", "--output", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert "device 'cuda' is not available" in err and "use cpu" in err and err.count("\n") == 1
-    assert main(["generate", "--method", "none", "--model", "tiny-flux", "--device", "gpu0"]) == 2
+    assert main(["generate", "--method", "none", "--model", "tiny-flux-random", "--device", "gpu0"]) == 2
     assert "unknown device 'gpu0'" in capsys.readouterr().err
 
 
@@ -355,7 +355,7 @@ def test_mochi_needs_two_steps(capsys, tmp_path, no_loading):
 
 
 def test_method_none_with_method_flags_is_an_error(capsys, no_loading):
-    assert main(["generate", "--method", "none", "--window", "3", "--decay-factor", "0.5", "--model", "tiny-flux"]) == 2
+    assert main(["generate", "--method", "none", "--window", "3", "--decay-factor", "0.5", "--model", "tiny-flux-random"]) == 2
     err = capsys.readouterr().err
     assert "--method none (stock attention) takes no method flags, got --window, --decay-factor" in err
 
@@ -364,20 +364,20 @@ def test_unwritable_output_is_reported_before_generating(capsys, tmp_path, no_lo
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     for command in ("generate", "compare"):
-        assert main([command, "--method", "gna", "--window", "3", "--model", "tiny-flux", "--no-progress",
+        assert main([command, "--method", "gna", "--window", "3", "--model", "tiny-flux-random", "--no-progress",
                      "--output", str(blocker / "sub" / "out")]) == 2
         err = capsys.readouterr().err
         assert f"cannot write the output '{blocker / 'sub' / 'out'}': '{blocker}' is a file, not a folder" in err
-    assert main(["generate", "--method", "none", "--model", "tiny-flux", "--no-progress", "--output", str(tmp_path)]) == 2
+    assert main(["generate", "--method", "none", "--model", "tiny-flux-random", "--no-progress", "--output", str(tmp_path)]) == 2
     assert "it is a folder" in capsys.readouterr().err
 
 
 def test_bad_method_values_fail_before_loading(capsys, no_loading):
-    assert main(["generate", "--method", "radial", "--model", "tiny-wan", "--decay-factor", "nan"]) == 2
+    assert main(["generate", "--method", "radial", "--model", "tiny-wan-random", "--decay-factor", "nan"]) == 2
     assert "'decay_factor' must be a finite number, got nan" in capsys.readouterr().err
-    assert main(["generate", "--method", "gna", "--model", "tiny-flux", "--window", "2.5,3"]) == 2
+    assert main(["generate", "--method", "gna", "--model", "tiny-flux-random", "--window", "2.5,3"]) == 2
     assert "'window' must be an int or a tuple of ints" in capsys.readouterr().err
-    assert main(["generate", "--method", "radial", "--model", "tiny-wan", "--backend", "strips"]) == 2
+    assert main(["generate", "--method", "radial", "--model", "tiny-wan-random", "--backend", "strips"]) == 2
     assert "backend='strips' cannot run radial" in capsys.readouterr().err
 
 
@@ -387,15 +387,15 @@ def test_placement_flags(tmp_path, capsys):
     from diffusion_attn.placement import Placement, StepWindow
 
     out = tmp_path / "placed"
-    assert main(["generate", "--method", "gna", "--window", "3", "--model", "tiny-flux", "--steps", "4", "--no-progress",
+    assert main(["generate", "--method", "gna", "--window", "3", "--model", "tiny-flux-random", "--steps", "4", "--no-progress",
                  "--place-layers", "single,0", "--place-steps", "0.5,", "--output", str(out)]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["placement"] == "layers single,0; steps [0.5, end)"
     placement = Placement(layers=("single", 0), steps=StepWindow(0.5))
-    by_api = runner.generate("tiny-flux", "gna", {"window": 3}, prompt=meta["prompt"], steps=4, placement=placement)
-    by_cli = runner.generate("tiny-flux", "gna", {"window": 3}, prompt=meta["prompt"], steps=4,
+    by_api = runner.generate("tiny-flux-random", "gna", {"window": 3}, prompt=meta["prompt"], steps=4, placement=placement)
+    by_cli = runner.generate("tiny-flux-random", "gna", {"window": 3}, prompt=meta["prompt"], steps=4,
                              placement=Placement.parse("single,0", "0.5,"))
-    stock = runner.generate("tiny-flux", "none", prompt=meta["prompt"], steps=4)
+    stock = runner.generate("tiny-flux-random", "none", prompt=meta["prompt"], steps=4)
     assert np.array_equal(np.asarray(by_api.image), np.asarray(by_cli.image))
     assert not np.array_equal(np.asarray(by_api.image), np.asarray(stock.image))
     assert Placement.parse("0-2,up", "2,10", "cond", "1,3") == Placement(
@@ -413,8 +413,8 @@ def test_placement_flags(tmp_path, capsys):
     (["--place-heads", "x"], "heads are comma-separated head indices"),
 ])
 def test_placement_flag_errors_before_loading(capsys, no_loading, argv, message):
-    assert main(["generate", "--method", "gna", "--window", "3", "--model", "tiny-flux", "--no-progress", *argv]) == 2
+    assert main(["generate", "--method", "gna", "--window", "3", "--model", "tiny-flux-random", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
-    assert main(["generate", "--method", "none", "--model", "tiny-flux", "--place-steps", "1,2"]) == 2
+    assert main(["generate", "--method", "none", "--model", "tiny-flux-random", "--place-steps", "1,2"]) == 2
     assert "takes no placement flags" in capsys.readouterr().err

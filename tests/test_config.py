@@ -120,7 +120,7 @@ def test_processor_from_config_takes_every_field():
 
 
 def test_apply_with_a_config_equals_the_string_form():
-    pipe = pipe_for("tiny-wan")
+    pipe = pipe_for("tiny-wan-random")
     kw = dict(decay_factor=0.05, dense_steps=0, dense_layers=0)
     with da.applied(pipe, "radial", **kw) as h:
         by_name = run(pipe, "wan", num_inference_steps=1)
@@ -230,7 +230,7 @@ def test_input_types_parse_from_the_command_line(toy, tmp_path, capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "--boxes" in out and "Boxes" in out and "--heads" in out
-    assert main(["generate", "--method", "toy-inputs", "--model", "tiny-flux", "--boxes", "0.1,0.1,0.5", "--no-progress",
+    assert main(["generate", "--method", "toy-inputs", "--model", "tiny-flux-random", "--boxes", "0.1,0.1,0.5", "--no-progress",
                  "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "box 0 must be 4 finite numbers" in err and err.count("\n") == 1
@@ -238,7 +238,7 @@ def test_input_types_parse_from_the_command_line(toy, tmp_path, capsys):
 
 def test_heads_are_checked_against_the_model_at_apply(toy):
     spec, calls = toy
-    pipe = pipe_for("tiny-flux")  # 2 attention heads
+    pipe = pipe_for("tiny-flux-random")  # 2 attention heads
     before = processors(pipe)
     with pytest.raises(ValueError, match=r"'heads'=\(0, 2\) names head 2, but this FluxTransformer2DModel has 2 "
                                          r"attention heads \(0\.\.1\)"):

@@ -12,8 +12,8 @@ from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
 from diffusion_attn.processors.gna import GNAProcessor
 from pipes import pipe_cache
 
-FAMILY = {"tiny-sd15": "unet-sd15", "tiny-sdxl": "unet-sdxl", "tiny-wan": "wan", "tiny-wan22": "wan",
-          "tiny-hunyuanvideo": "hunyuanvideo", "tiny-mochi": "mochi", "tiny-flux": "flux"}
+FAMILY = {"tiny-sd15-random": "unet-sd15", "tiny-sdxl": "unet-sdxl", "tiny-wan-random": "wan", "tiny-wan22": "wan",
+          "tiny-hunyuanvideo": "hunyuanvideo", "tiny-mochi": "mochi", "tiny-flux-random": "flux"}
 PROMPT = "a red fox in the snow"
 
 
@@ -52,11 +52,11 @@ def untouched(pipe):
 # ---------------------------------------------------------------------------------------------------
 def test_repeated_one_step_runs_are_identical():
     """B1: three one-step calls with hidiffusion(seed=1) each see (step 0, branch 0) and give the same output."""
-    pipe = pipe_for("tiny-sd15")
+    pipe = pipe_for("tiny-sd15-random")
     with da.applied(pipe, "hidiffusion", seed=1) as h:
         seen, undo = record_calls(pipe, h)
         try:
-            outs = [generate(pipe, "tiny-sd15", num_inference_steps=1) for _ in range(3)]
+            outs = [generate(pipe, "tiny-sd15-random", num_inference_steps=1) for _ in range(3)]
         finally:
             undo()
     assert [s[:2] for s in seen] == [(0, 0)] * 3 and {s[4] for s in seen} == {"pipeline"}
@@ -66,13 +66,13 @@ def test_repeated_one_step_runs_are_identical():
 def test_bare_model_falls_back_to_timesteps():
     """Applied to the bare UNet, the step comes from the timesteps (documented fallback): a repeated
     one-step run is then indistinguishable from a second branch -- what apply(pipe) fixes."""
-    pipe = pipe_for("tiny-sd15")
+    pipe = pipe_for("tiny-sd15-random")
     with da.applied(pipe.unet, "hidiffusion", seed=1, num_steps=1) as h:
         seen, undo = record_calls(pipe, h)
         try:
             for _ in range(2):
-                generate(pipe, "tiny-sd15", num_inference_steps=1)
-            generate(pipe, "tiny-sd15", num_inference_steps=3)
+                generate(pipe, "tiny-sd15-random", num_inference_steps=1)
+            generate(pipe, "tiny-sd15-random", num_inference_steps=3)
         finally:
             undo()
     assert [s[:2] for s in seen] == [(0, 0), (0, 1), (0, 0), (1, 0), (2, 0)]
@@ -93,7 +93,7 @@ def _with_scheduler(pipe, kind):
 def test_step_is_the_pipeline_loop_index(kind, steps, calls):
     """One step per pipeline loop iteration (= model evaluation), N = ``pipe._num_timesteps``: PNDM
     repeats its second timestep (N + 1 calls), Heun evaluates twice per step (2N - 1 calls)."""
-    base = pipe_for("tiny-sd15")
+    base = pipe_for("tiny-sd15-random")
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(**base.components)
@@ -102,7 +102,7 @@ def test_step_is_the_pipeline_loop_index(kind, steps, calls):
     with da.applied(pipe, "hidiffusion", seed=0) as h:
         seen, undo = record_calls(pipe, h)
         try:
-            generate(pipe, "tiny-sd15", num_inference_steps=steps)
+            generate(pipe, "tiny-sd15-random", num_inference_steps=steps)
         finally:
             undo()
     assert pipe._num_timesteps == calls
@@ -116,7 +116,7 @@ def test_img2img_runs_the_truncated_steps(kind, calls):
     scheduler's begin_index: steps 0, 1, ... and N = ``pipe._num_timesteps``."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    base = pipe_for("tiny-sd15")
+    base = pipe_for("tiny-sd15-random")
     pipe = StableDiffusionImg2ImgPipeline(**base.components)
     pipe.scheduler = _with_scheduler(base, kind)
     pipe.set_progress_bar_config(disable=True)
@@ -134,12 +134,12 @@ def test_img2img_runs_the_truncated_steps(kind, calls):
 
 def test_cfg_as_two_calls_and_cache_context_names():
     """Wan runs CFG as two calls per step inside ``cache_context("cond"/"uncond", step_index=i)``."""
-    pipe = pipe_for("tiny-wan")
+    pipe = pipe_for("tiny-wan-random")
     with da.applied(pipe, "gna", window=(3, 4, 6)) as h:
         seen, undo = record_calls(pipe, h)
         try:
-            generate(pipe, "tiny-wan", num_inference_steps=3)
-            generate(pipe, "tiny-wan", num_inference_steps=2)
+            generate(pipe, "tiny-wan-random", num_inference_steps=3)
+            generate(pipe, "tiny-wan-random", num_inference_steps=2)
         finally:
             undo()
     expected = [(i, b, name, n, "pipeline") for n in (3, 2) for i in range(n) for b, name in enumerate(("cond", "uncond"))]
@@ -148,7 +148,7 @@ def test_cfg_as_two_calls_and_cache_context_names():
 
 def test_scheduler_replaced_after_apply():
     """``pipe.scheduler = X.from_config(...)`` after apply: the context follows it and undoes both."""
-    pipe = pipe_for("tiny-sd15")
+    pipe = pipe_for("tiny-sd15-random")
     original = pipe.scheduler
     before = set(original.__dict__)
     try:
@@ -158,7 +158,7 @@ def test_scheduler_replaced_after_apply():
             seen, undo = record_calls(pipe, h)
             try:
                 for _ in range(2):
-                    generate(pipe, "tiny-sd15", num_inference_steps=2)
+                    generate(pipe, "tiny-sd15-random", num_inference_steps=2)
             finally:
                 undo()
             assert set(original.__dict__) == before  # the old scheduler was released, exactly
@@ -189,7 +189,7 @@ OFFLOAD = {  # model -> (method, params), the second resolution
     "tiny-wan22": (("gna", dict(window=(3, 4, 6))), dict(height=192, width=192)),
     "tiny-hunyuanvideo": (("gna", dict(window=(3, 4, 6))), dict(height=192, width=192)),
     "tiny-mochi": (("radial", dict(dense_steps=0, decay_factor=0.0)), dict(height=192, width=192)),
-    "tiny-sd15": (("hidiffusion", dict(seed=0)), dict(height=192, width=192)),
+    "tiny-sd15-random": (("hidiffusion", dict(seed=0)), dict(height=192, width=192)),
     "tiny-sdxl": (("hidiffusion", dict(seed=0)), dict(height=320, width=384)),
 }
 
@@ -250,7 +250,7 @@ class ProbeProcessor(GNAProcessor):
 
 def test_call_inputs_reach_processors_through_the_context():
     """Wan's model never forwards ``attention_kwargs`` to its processors: they get them from the context."""
-    pipe = build_pipeline("tiny-wan")
+    pipe = build_pipeline("tiny-wan-random")
     pipe.set_progress_bar_config(disable=True)
     model = pipe.transformer
     probe = ProbeProcessor(window=(3, 4, 6))
@@ -259,20 +259,20 @@ def test_call_inputs_reach_processors_through_the_context():
     handle = da.attach(model)
     assert handle.context.call_kwargs == {} and "probe" in handle.context.call_inputs
     calls = 2 * 2 * len(model.blocks)  # 2 steps x (cond, uncond) x layers
-    generate(pipe, "tiny-wan", attention_kwargs={"probe": 3, "scale": 1.0})  # scale: the LoRA scale (diffusers)
+    generate(pipe, "tiny-wan-random", attention_kwargs={"probe": 3, "scale": 1.0})  # scale: the LoRA scale (diffusers)
     assert probe.seen == [3] * calls
     with pytest.raises(TypeError):
         handle.context.call_kwargs["probe"] = 4  # read-only
-    generate(pipe, "tiny-wan")
+    generate(pipe, "tiny-wan-random")
     assert probe.seen[calls:] == [None] * calls
 
 
-@pytest.mark.parametrize("name,kwarg", [("tiny-wan", "attention_kwargs"), ("tiny-flux", "joint_attention_kwargs")])
+@pytest.mark.parametrize("name,kwarg", [("tiny-wan-random", "attention_kwargs"), ("tiny-flux-random", "joint_attention_kwargs")])
 def test_unused_call_inputs_are_an_error(name, kwarg):
     """A key no processor, nor the model takes is an error (diffusers drops it silently for Wan, with a
     warning for Flux), raised before any layer runs."""
     pipe = pipe_for(name)
-    window = (3, 4, 6) if name == "tiny-wan" else (4, 6)
+    window = (3, 4, 6) if name == "tiny-wan-random" else (4, 6)
     with da.applied(pipe, "gna", window=window):
         with pytest.raises(ValueError, match=rf"{kwarg} \['boxs'\] are not taken"):
             generate(pipe, name, **{kwarg: {"boxs": [0, 0, 1, 1]}})
@@ -282,7 +282,7 @@ def test_unused_call_inputs_are_an_error(name, kwarg):
 def test_processor_refuses_unknown_keyword_arguments():
     """Kwargs that reach a processor and that it does not take are an error, as with diffusers' own
     processors (Wan's attention passes its kwargs through unfiltered)."""
-    pipe = pipe_for("tiny-wan")
+    pipe = pipe_for("tiny-wan-random")
     attn = pipe.transformer.blocks[0].attn1
     x = torch.randn(1, 288, attn.inner_dim)
     with pytest.raises(TypeError):
@@ -296,7 +296,7 @@ def test_processor_refuses_unknown_keyword_arguments():
 def test_run_state_lives_for_one_pipeline_call():
     """Processors' per-run state (RunContext.run_state) is there across the steps of a call and empty at
     the start of the next call."""
-    pipe = pipe_for("tiny-wan")
+    pipe = pipe_for("tiny-wan-random")
     sizes = []
     with da.applied(pipe, "gna", window=(3, 8, 12)) as h:
         def record(module, args, output):
@@ -306,7 +306,7 @@ def test_run_state_lives_for_one_pipeline_call():
         hook = pipe.transformer.register_forward_hook(record)
         try:
             for _ in range(2):
-                generate(pipe, "tiny-wan", num_inference_steps=2)
+                generate(pipe, "tiny-wan-random", num_inference_steps=2)
         finally:
             hook.remove()
     assert sizes == [1, 2, 3, 4, 1, 2, 3, 4]  # CFG as two calls x 2 steps, then a fresh run

@@ -51,25 +51,25 @@ ATOL = RTOL = 1e-5
 
 # model -> (token grid of the default call, text position, attention module name prefixes by block kind)
 MODELS = {
-    "tiny-flux": ((8, 12), "first", {"double": "transformer_blocks.", "single": "single_transformer_blocks."}),
+    "tiny-flux-random": ((8, 12), "first", {"double": "transformer_blocks.", "single": "single_transformer_blocks."}),
     "tiny-sd3": ((8, 12), "last", {"joint": "transformer_blocks."}),
-    "tiny-wan": ((3, 8, 12), None, {"self": "blocks."}),
+    "tiny-wan-random": ((3, 8, 12), None, {"self": "blocks."}),
     "tiny-hunyuanvideo": ((3, 8, 12), "last", {"dual": "transformer_blocks.", "single": "single_transformer_blocks."}),
     "tiny-mochi": ((3, 8, 12), "last", {"joint": "transformer_blocks."}),
 }
-ATTN_SUFFIX = {"tiny-flux": ".attn", "tiny-sd3": ".attn", "tiny-wan": ".attn1", "tiny-hunyuanvideo": ".attn",
+ATTN_SUFFIX = {"tiny-flux-random": ".attn", "tiny-sd3": ".attn", "tiny-wan-random": ".attn1", "tiny-hunyuanvideo": ".attn",
                "tiny-mochi": ".attn1"}
 # a sliding, strided, dilated or even window on each family (stride <= window, window * dilation <= size)
 GNA = {
-    "tiny-flux": dict(window=(3, 5), stride=(2, 3), dilation=(2, 1)),
+    "tiny-flux-random": dict(window=(3, 5), stride=(2, 3), dilation=(2, 1)),
     "tiny-sd3": dict(window=(4, 5), stride=(4, 1), dilation=(1, 2)),
-    "tiny-wan": dict(window=(2, 3, 5), stride=(1, 2, 2), dilation=(1, 2, 1)),
+    "tiny-wan-random": dict(window=(2, 3, 5), stride=(1, 2, 2), dilation=(1, 2, 1)),
     "tiny-hunyuanvideo": dict(window=(1, 4, 3), stride=(1, 1, 3), dilation=(1, 1, 3)),
     "tiny-mochi": dict(window=(3, 3, 4), stride=(1, 3, 2), dilation=(1, 2, 2)),
 }
 # UNet: HiDiffusion's MSW-MSA blocks (official lists) and their self-attention grid at the default size
 UNET = {
-    "tiny-sd15": ((16, 24), [f"down_blocks.0.attentions.{a}.transformer_blocks.0.attn1" for a in (0, 1)]
+    "tiny-sd15-random": ((16, 24), [f"down_blocks.0.attentions.{a}.transformer_blocks.0.attn1" for a in (0, 1)]
                   + [f"up_blocks.3.attentions.{a}.transformer_blocks.0.attn1" for a in (0, 1, 2)]),
     "tiny-sdxl": ((16, 24), [f"down_blocks.1.attentions.{a}.transformer_blocks.{t}.attn1" for a in (0, 1) for t in (0, 1)]
                   + [f"up_blocks.1.attentions.{a}.transformer_blocks.{t}.attn1" for a in (0, 1, 2) for t in (0, 1)]),
@@ -170,8 +170,8 @@ def test_gna_adapter_equals_stock_processor_with_full_mask(name, backend):
 
 # radial at 9 latent frames of 8 x 16 tokens: 128 tokens per frame, so the official algorithm (which needs
 # a multiple of 128 tokens) applies and 128-token blocks are frames; video frames for 9 latent frames
-RADIAL_FRAMES = {"tiny-wan": 33, "tiny-hunyuanvideo": 33, "tiny-mochi": 49}
-RADIAL = {"tiny-wan": (0.2, True), "tiny-hunyuanvideo": (0.95, False), "tiny-mochi": (0.95, False)}
+RADIAL_FRAMES = {"tiny-wan-random": 33, "tiny-hunyuanvideo": 33, "tiny-mochi": 49}
+RADIAL = {"tiny-wan-random": (0.2, True), "tiny-hunyuanvideo": (0.95, False), "tiny-mochi": (0.95, False)}
 
 
 @pytest.mark.parametrize("backend", ["reference", "gather", "auto"])
@@ -209,14 +209,14 @@ def check_transformer(name, method, params, grid, grid_mask, **call):
         args = {k: v for k, v in inputs.items() if k in accepted}
         hidden, text = args["hidden_states"], args.get("encoder_hidden_states")
         batch = hidden.shape[0]
-        if name == "tiny-flux" and text is None:  # single blocks: [text, image] already joined
+        if name == "tiny-flux-random" and text is None:  # single blocks: [text, image] already joined
             text_len = hidden.shape[1] - n_grid
-        elif name == "tiny-wan":
+        elif name == "tiny-wan-random":
             assert text is None and hidden.shape[1] == n_grid
             text_len = 0
         else:
             text_len = text.shape[1]
-        assert hidden.shape[1] in (n_grid, n_grid + text_len) and (name == "tiny-wan") == (text_len == 0), mod_name
+        assert hidden.shape[1] in (n_grid, n_grid + text_len) and (name == "tiny-wan-random") == (text_len == 0), mod_name
 
         if name in ("tiny-sd3", "tiny-mochi"):
             def mask_for(length):  # video/image tokens first, then this call's (real) text tokens

@@ -25,11 +25,11 @@ from diffusion_attn.processors.hidiffusion import (
 )
 from pipes import fingerprint, pipe_cache
 
-FAMILY = {"tiny-sd15": "unet-sd15", "tiny-sdxl": "unet-sdxl", "tiny-flux": "flux"}
+FAMILY = {"tiny-sd15-random": "unet-sd15", "tiny-sdxl": "unet-sdxl", "tiny-flux-random": "flux"}
 # the fewest steps for which every RAU-Net stage of the official schedule is on at some step
-STEPS = {"tiny-sd15": 3, "tiny-sdxl": 7}
+STEPS = {"tiny-sd15-random": 3, "tiny-sdxl": 7}
 SIZES = {  # "odd": the MSW-MSA level has odd sides (sd15 level 0: 13 x 17; sdxl level 1: 9 x 13)
-    "tiny-sd15": {"even": dict(height=128, width=192), "odd": dict(height=104, width=136)},
+    "tiny-sd15-random": {"even": dict(height=128, width=192), "odd": dict(height=104, width=136)},
     "tiny-sdxl": {"even": dict(height=128, width=192), "odd": dict(height=144, width=208)},
 }
 
@@ -249,8 +249,8 @@ def record_level2(unet, seen):
 # End to end
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,cfg,batch,size,params", [
-    ("tiny-sd15", True, 1, "even", {}),
-    ("tiny-sd15", False, 2, "odd", {"t2_ratio": 0.4}),  # + the block stage (official at >= 2048 px)
+    ("tiny-sd15-random", True, 1, "even", {}),
+    ("tiny-sd15-random", False, 2, "odd", {"t2_ratio": 0.4}),  # + the block stage (official at >= 2048 px)
     ("tiny-sdxl", True, 1, "even", {}),  # aggressive: conv stage at step 0, block stage at step 1
     ("tiny-sdxl", False, 2, "odd", {}),
     ("tiny-sdxl", True, 1, "even", {"model_variant": "sdxl-turbo", "steps": 2}),  # block stage only, step 0
@@ -298,7 +298,7 @@ def _changed(before, after):
     return {key[1] for key in before if before[key] != after[key]}
 
 
-@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+@pytest.mark.parametrize("name", ["tiny-sd15-random", "tiny-sdxl"])
 def test_parts_are_separable_and_exact_when_off(name):
     pipe = pipe_for(name)
     stock = stock_output(name, num_inference_steps=2)
@@ -319,15 +319,15 @@ def test_parts_are_separable_and_exact_when_off(name):
 
 
 def test_bare_unet_needs_num_steps():
-    pipe = pipe_for("tiny-sd15")
+    pipe = pipe_for("tiny-sd15-random")
     before = module_state(pipe)
     with pytest.raises(ValueError, match="num_steps"):
         da.apply(pipe.unet, "hidiffusion")
     assert module_state(pipe) == before
     with da.applied(pipe, "hidiffusion", seed=3):
-        via_pipe = generate(pipe, "tiny-sd15")
-    with da.applied(pipe.unet, "hidiffusion", seed=3, num_steps=STEPS["tiny-sd15"]):
-        via_unet = generate(pipe, "tiny-sd15")
+        via_pipe = generate(pipe, "tiny-sd15-random")
+    with da.applied(pipe.unet, "hidiffusion", seed=3, num_steps=STEPS["tiny-sd15-random"]):
+        via_unet = generate(pipe, "tiny-sd15-random")
     assert torch.equal(via_pipe, via_unet)  # also: seeded runs are reproducible
 
 
@@ -335,7 +335,7 @@ def test_bare_unet_needs_num_steps():
 # Errors
 # ---------------------------------------------------------------------------------------------------
 def test_non_unet_model_is_rejected():
-    pipe = pipe_for("tiny-flux")
+    pipe = pipe_for("tiny-flux-random")
     before = module_state(pipe)
     with pytest.raises(ValueError, match="supported families: unet"):
         da.apply(pipe, "hidiffusion")
@@ -368,7 +368,7 @@ def test_pipeline_runs_stock_after_errors():
 
 
 def test_aggressive_is_sdxl_only():
-    pipe = pipe_for("tiny-sd15")
+    pipe = pipe_for("tiny-sd15-random")
     before = module_state(pipe)
     with pytest.raises(ValueError, match="SDXL"):
         da.apply(pipe, "hidiffusion", aggressive=True)
@@ -376,7 +376,7 @@ def test_aggressive_is_sdxl_only():
 
 
 def test_applying_twice_is_rejected():
-    pipe = pipe_for("tiny-sd15")
+    pipe = pipe_for("tiny-sd15-random")
     before = module_state(pipe)
     handle = da.apply(pipe, "hidiffusion")
     during = module_state(pipe)

@@ -34,7 +34,7 @@ from diffusion_attn.models.tiny import build_pipeline  # noqa: E402
 # model -> (UNet config changes so the official's module key lists are contained, call size, steps)
 MODELS = {
     # SD 1.5 has a conv shortcut in down_blocks.2 (320 -> 640 -> 1280 channels)
-    "sd15": ("tiny-sd15", dict(block_out_channels=(16, 32, 64, 64)), dict(height=128, width=192), 5),
+    "sd15": ("tiny-sd15-random", dict(block_out_channels=(16, 32, 64, 64)), dict(height=128, width=192), 5),
     # SDXL has 10 transformer layers in down_blocks.2 / up_blocks.0; 7 steps: both aggressive stages on
     "sdxl": ("tiny-sdxl", dict(transformer_layers_per_block=(1, 2, 10)), dict(height=128, width=192), 7),
 }

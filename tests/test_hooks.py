@@ -15,11 +15,11 @@ from diffusion_attn.patches.hooks import hook_names, register_hook, remove_hook
 from diffusion_attn.patches.raunet import HOOK_NAMES, RAD_CONV_HOOK, RAUNET_TARGETS
 from pipes import fingerprint, fresh
 
-FAMILY = {"tiny-sd15": "unet-sd15", "tiny-sdxl": "unet-sdxl"}
+FAMILY = {"tiny-sd15-random": "unet-sd15", "tiny-sdxl": "unet-sdxl"}
 # the fewest steps for which every RAU-Net stage of the official schedule is on at some step (the conv
 # stage at step 0 in both)
-STEPS = {"tiny-sd15": 3, "tiny-sdxl": 7}
-VARIANT = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+STEPS = {"tiny-sd15-random": 3, "tiny-sdxl": 7}
+VARIANT = {"tiny-sd15-random": "sd15", "tiny-sdxl": "sdxl"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def references(name, other):
 
 
 @pytest.mark.parametrize("name,other", [
-    ("tiny-sd15", "offload-leaf"), ("tiny-sd15", "casting"),
+    ("tiny-sd15-random", "offload-leaf"), ("tiny-sd15-random", "casting"),
     ("tiny-sdxl", "offload-leaf"), ("tiny-sdxl", "casting"), ("tiny-sdxl", "offload-block"),
 ])
 @pytest.mark.parametrize("order", ["hooks-after-apply", "hooks-before-apply"])
@@ -211,7 +211,7 @@ def test_hidiffusion_with_other_diffusers_hooks(name, other, order):
 
 
 def test_remove_then_reapply_under_other_hooks():
-    name = "tiny-sd15"
+    name = "tiny-sd15-random"
     stock, hid = references(name, "offload-leaf")
     pipe = fresh(name)
     handle = da.apply(pipe, "hidiffusion", seed=1)
@@ -226,7 +226,7 @@ def test_remove_then_reapply_under_other_hooks():
 # Handle.remove never reports what it did not achieve
 # ---------------------------------------------------------------------------------------------------
 def test_failed_undo_keeps_the_handle_active_and_can_be_retried():
-    name = "tiny-sd15"
+    name = "tiny-sd15-random"
     stock, _ = references(name, "offload-leaf")
     pipe = fresh(name)
     handle = da.apply(pipe, "hidiffusion", seed=1)
@@ -266,7 +266,7 @@ def controlnet_pipe(name, official=False):
             m.weight.normal_(0, 0.3)
             m.bias.normal_(0, 0.1)
         controlnet.controlnet_cond_embedding.conv_out.weight.normal_(0, 0.3)
-    cls = StableDiffusionControlNetPipeline if name == "tiny-sd15" else StableDiffusionXLControlNetPipeline
+    cls = StableDiffusionControlNetPipeline if name == "tiny-sd15-random" else StableDiffusionXLControlNetPipeline
     accepted = inspect.signature(cls.__init__).parameters
     parts = {k: v for k, v in base.components.items() if k in accepted}
     if "requires_safety_checker" in accepted:
@@ -325,7 +325,7 @@ def test_sdxl_controlnet_equals_the_official(steps, window, overrides):
 
 
 def test_sd15_controlnet_pipeline_is_refused_with_raunet_and_runs_without():
-    name = "tiny-sd15"
+    name = "tiny-sd15-random"
     pipe = controlnet_pipe(name)
     stock = generate_cn(pipe, name)
     before = module_state(pipe.unet)
@@ -348,7 +348,7 @@ def test_controlnet_guess_mode_is_refused_when_the_controlnet_would_be_skipped()
             generate_cn(pipe, name, guess_mode=True)
 
 
-@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+@pytest.mark.parametrize("name", ["tiny-sd15-random", "tiny-sdxl"])
 def test_bare_unet_with_controlnet_residuals_gets_a_clear_error(name):
     pipe = controlnet_pipe(name)
     stock = generate_cn(pipe, name)
@@ -376,7 +376,7 @@ def test_hook_names_are_namespaced():
 def test_t2i_adapter_pipeline_is_refused_with_raunet():
     from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
 
-    base = fresh("tiny-sd15")
+    base = fresh("tiny-sd15-random")
     adapter = T2IAdapter(in_channels=3, channels=[16, 32, 32, 32], num_res_blocks=1, downscale_factor=8)
     accepted = inspect.signature(StableDiffusionAdapterPipeline.__init__).parameters
     parts = {k: v for k, v in base.components.items() if k in accepted}

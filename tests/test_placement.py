@@ -74,7 +74,7 @@ def test_processor_placement_by_kind_on_flux():
     the stock processors left on the double-stream blocks; and differs from GNA everywhere."""
     from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
 
-    pipe = build_pipeline("tiny-flux")
+    pipe = build_pipeline("tiny-flux-random")
     model = pipe.transformer
     run = lambda: pipe(prompt="a fox", generator=torch.Generator().manual_seed(0), **default_call_kwargs("flux"))[0]  # noqa: E731
     original = dict(model.attn_processors)
@@ -131,7 +131,7 @@ def test_apply_takes_a_placement():
     the pipeline untouched."""
     from diffusion_attn.models.tiny import build_pipeline, default_call_kwargs
 
-    pipe = build_pipeline("tiny-flux")
+    pipe = build_pipeline("tiny-flux-random")
     pipe.set_progress_bar_config(disable=True)
     model = pipe.transformer
     run = lambda **kw: pipe(prompt="a fox", generator=torch.Generator().manual_seed(0),  # noqa: E731

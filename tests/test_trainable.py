@@ -61,7 +61,7 @@ def install(model):
 
 
 def test_processor_parameters_are_part_of_the_model_and_leave_with_remove(tmp_path):
-    pipe = build_pipeline("tiny-flux")
+    pipe = build_pipeline("tiny-flux-random")
     model = pipe.transformer
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stock = flux_run(pipe)
@@ -93,7 +93,7 @@ def test_processor_parameters_are_part_of_the_model_and_leave_with_remove(tmp_pa
 
 
 def test_processor_parameters_train():
-    pipe = build_pipeline("tiny-flux")
+    pipe = build_pipeline("tiny-flux-random")
     model = pipe.transformer
     handle = install(model)
     try:

@@ -128,7 +128,7 @@ def test_collect_params_keeps_only_what_was_set():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3", "tiny-wan", "tiny-hunyuanvideo"])
+@pytest.mark.parametrize("name", ["tiny-flux-random", "tiny-sd3", "tiny-wan-random", "tiny-hunyuanvideo"])
 def test_token_layout_matches_the_run_context(name):
     """The layout the UI draws is the one the processors see in a real run (grid and text tokens)."""
     import diffusion_attn as da
@@ -149,14 +149,14 @@ def test_token_layout_matches_the_run_context(name):
 
 
 def test_token_layout_unets_and_full_size_models():
-    assert token_layout("tiny-sd15", "unet-sd15", 128, 192).grid == (16, 24)
+    assert token_layout("tiny-sd15-random", "unet-sd15", 128, 192).grid == (16, 24)
     assert token_layout("tiny-sdxl", "unet-sdxl", 256, 384).grid == (16, 24)
     flux = token_layout("black-forest-labs/FLUX.1-dev", "flux", 1024, 1024)
     assert (flux.grid, flux.text_len, flux.text_position) == ((64, 64), 512, "first")
     wan = token_layout("Wan-AI/Wan2.1-T2V-14B-Diffusers", "wan", 480, 832, 81)
     assert (wan.grid, wan.text_len) == ((21, 30, 52), 0)
     with pytest.raises(ValueError, match="too small"):
-        token_layout("tiny-flux", "flux", 8, 8)
+        token_layout("tiny-flux-random", "flux", 8, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_generate_image_with_progress_metadata_and_pattern():
     from PIL import Image
 
     progress = Progress()
-    req = Request(model="tiny-flux", method="gna", params={"window": "4,6", "stride": "2,3"}, steps=2, seed=3)
+    req = Request(model="tiny-flux-random", method="gna", params={"window": "4,6", "stride": "2,3"}, steps=2, seed=3)
     out = generate_outputs(req, progress=progress)
     assert not out["is_video"] and out["video"] is None
     assert len(out["frames"]) == 1 and out["frames"][0].size == (192, 128)
@@ -180,7 +180,7 @@ def test_generate_image_with_progress_metadata_and_pattern():
 
 
 def test_generate_video_and_blank_fields_mean_defaults():
-    req = Request(model="tiny-wan", method="radial", params={"decay_factor": "", "sink": "default", "dense_steps": "0"},
+    req = Request(model="tiny-wan-random", method="radial", params={"decay_factor": "", "sink": "default", "dense_steps": "0"},
                   steps="2", num_frames="5", height="", width=" ", guidance_scale="")
     out = generate_outputs(req)
     assert out["is_video"] and len(out["frames"]) == 5
@@ -191,7 +191,7 @@ def test_generate_video_and_blank_fields_mean_defaults():
 
 
 def test_compare_with_dense():
-    req = Request(model="tiny-flux", method="gna", params={"window": "4,6"}, steps=2)
+    req = Request(model="tiny-flux-random", method="gna", params={"window": "4,6"}, steps=2)
     progress = Progress()
     out = compare_outputs(req, progress=progress)
     assert len(out["frames"]) == 1 and out["frames"][0].width > 2 * 192  # dense | method, with a caption strip
@@ -201,28 +201,28 @@ def test_compare_with_dense():
     assert info["dense_seconds"] > 0 and info["method_seconds"] > 0
     assert progress.calls[-1][0] == (4, 4)  # both runs' steps
     with pytest.raises(ValueError, match="choose a method"):
-        compare_outputs(Request(model="tiny-flux", method="none"))
+        compare_outputs(Request(model="tiny-flux-random", method="none"))
 
 
 def test_pattern_outputs():
-    image, note = pattern_outputs(Request(model="tiny-sd15", method="hidiffusion", height="128", width="192"))
+    image, note = pattern_outputs(Request(model="tiny-sd15-random", method="hidiffusion", height="128", width="192"))
     assert image is not None and "16x24" in note
     assert pattern_outputs(Request(method="none"))[0] is None
-    image, note = pattern_outputs(Request(model="tiny-wan", method="radial", height="2048", width="2048",
+    image, note = pattern_outputs(Request(model="tiny-wan-random", method="radial", height="2048", width="2048",
                                           num_frames="121"))
     assert image is None and "too large" in note
     image, note = pattern_outputs(Request(model="some-org/unknown-model", method="gna", params={"window": "3"}))
     assert image is None and "family is known" in note
     with pytest.raises(ValueError, match="does not support flux"):
-        pattern_outputs(Request(model="tiny-flux", method="radial"))
+        pattern_outputs(Request(model="tiny-flux-random", method="radial"))
 
 
 @pytest.mark.parametrize("req, message", [
-    (Request(model="tiny-flux", method="radial", steps=2), "does not support flux models"),
-    (Request(model="tiny-flux", method="gna", params={"window": "4,abc"}), "tuple of ints"),
-    (Request(model="tiny-wan", method="radial", params={"decay_factor": "-1"}), r"must be in \[0\.0"),
-    (Request(model="tiny-flux", method="none", steps="0"), "steps must be a positive integer"),
-    (Request(model="tiny-flux", method="none", height="abc"), "height must be a number"),
+    (Request(model="tiny-flux-random", method="radial", steps=2), "does not support flux models"),
+    (Request(model="tiny-flux-random", method="gna", params={"window": "4,abc"}), "tuple of ints"),
+    (Request(model="tiny-wan-random", method="radial", params={"decay_factor": "-1"}), r"must be in \[0\.0"),
+    (Request(model="tiny-flux-random", method="none", steps="0"), "steps must be a positive integer"),
+    (Request(model="tiny-flux-random", method="none", height="abc"), "height must be a number"),
     (Request(model="", method="none"), "choose a model"),
 ])
 def test_user_errors_raise_before_any_run(req, message):
@@ -276,20 +276,20 @@ def test_blocks_have_a_control_per_parameter_and_a_queue(demo):
 
 def test_method_choice_shows_only_its_controls(demo):
     fn = _fn(demo, "on_method")
-    *groups, info = fn.fn("gna", "tiny-flux", "")
+    *groups, info = fn.fn("gna", "tiny-flux-random", "")
     names = list(methods())
     assert [g["visible"] for g in groups] == [n == "gna" for n in names]
     assert "Generalized Neighborhood" in info or "gna" in info
-    *groups, info = fn.fn("none", "tiny-flux", "")
+    *groups, info = fn.fn("none", "tiny-flux-random", "")
     assert not any(g["visible"] for g in groups) and "stock" in info
-    *_, info = fn.fn("radial", "tiny-flux", "")
+    *_, info = fn.fn("radial", "tiny-flux-random", "")
     assert "does not run on flux" in info
 
 
 def test_model_choice_updates_defaults(demo):
     info, height, width, frames, guidance = _fn(demo, "on_model").fn("tiny-sdxl", "", "hidiffusion")
     assert height["placeholder"] == "256" and width["placeholder"] == "384" and frames["visible"] is False
-    info, *_, frames, _ = _fn(demo, "on_model").fn("tiny-wan", "", "radial")
+    info, *_, frames, _ = _fn(demo, "on_model").fn("tiny-wan-random", "", "radial")
     assert frames["visible"] is True and frames["placeholder"] == "9" and "decay_factor=0.2" in info
     info, *_ = _fn(demo, "on_model").fn("tiny-wan22", "", "radial")
     assert "decay_factor=0.8" in info  # Wan 2.2's own defaults
@@ -299,13 +299,13 @@ def test_generate_event_end_to_end(demo):
     from PIL import Image
 
     fn = _fn(demo, "on_generate")
-    data = _data(fn, **{"da-model": "tiny-flux", "da-method": "gna", "da-gna-window": "4,6", "da-steps": 2})
+    data = _data(fn, **{"da-model": "tiny-flux-random", "da-method": "gna", "da-gna-window": "4,6", "da-steps": 2})
     gallery, video, animation, pattern, note, info = fn.fn(data, Progress())
     assert len(gallery["value"]) == 1 and isinstance(gallery["value"][0], Image.Image)
     assert video["visible"] is False and animation["visible"] is False
     assert isinstance(pattern, Image.Image) and info["method"] == "gna"
     # video: the file goes to the video player (MP4) or the animated image (GIF)
-    data = _data(fn, **{"da-steps": 2, "da-frames": "5", "da-radial-dense-steps": "0"})  # tiny-wan + radial
+    data = _data(fn, **{"da-steps": 2, "da-frames": "5", "da-radial-dense-steps": "0"})  # tiny-wan-random + radial
     gallery, video, animation, pattern, note, info = fn.fn(data, Progress())
     assert len(gallery["value"]) == 5 and (video["visible"] or animation["visible"])
     assert info["params"]["dense_steps"] == 0 and "2x8x12" in note  # the pattern of the size generated
@@ -316,8 +316,8 @@ def test_errors_reach_the_page_as_gr_error(demo, tmp_path):
 
     fn = _fn(demo, "on_generate")
     cases = [
-        ({"da-model": "tiny-flux", "da-method": "radial"}, "does not support flux"),
-        ({"da-model": "tiny-flux", "da-method": "gna", "da-gna-window": "4,abc"}, "tuple of ints"),
+        ({"da-model": "tiny-flux-random", "da-method": "radial"}, "does not support flux"),
+        ({"da-model": "tiny-flux-random", "da-method": "gna", "da-gna-window": "4,abc"}, "tuple of ints"),
         ({"da-radial-decay-factor": "-1"}, "decay_factor"),
         ({"da-model-path": str(tmp_path), "da-method": "none"}, "Could not load a diffusers pipeline"),
         ({"da-method": "none", "da-steps": 1, "da-backend": "no-such-backend"}, "unknown attention backend"),
@@ -327,10 +327,10 @@ def test_errors_reach_the_page_as_gr_error(demo, tmp_path):
             fn.fn(_data(fn, **overrides), Progress())
         assert "Traceback" not in str(err.value)
     with pytest.raises(gr.Error, match="tuple of ints"):
-        _fn(demo, "on_compare").fn(_data(fn, **{"da-method": "gna", "da-model": "tiny-flux",
+        _fn(demo, "on_compare").fn(_data(fn, **{"da-method": "gna", "da-model": "tiny-flux-random",
                                                  "da-gna-window": "x"}), Progress())
     with pytest.raises(gr.Error, match="does not support"):
-        _fn(demo, "on_pattern").fn(_data(fn, **{"da-model": "tiny-sd15"}))  # radial on a UNet
+        _fn(demo, "on_pattern").fn(_data(fn, **{"da-model": "tiny-sd15-random"}))  # radial on a UNet
 
 
 def test_unexpected_errors_are_shown_without_traceback(demo, monkeypatch):
@@ -348,7 +348,7 @@ def test_unexpected_errors_are_shown_without_traceback(demo, monkeypatch):
 
 
 def test_request_blanks_and_defaults():
-    kw = Request(model="tiny-flux", method="none", attention_backend="default", num_frames="9", seed=None).generate_kwargs()
+    kw = Request(model="tiny-flux-random", method="none", attention_backend="default", num_frames="9", seed=None).generate_kwargs()
     assert kw["attention_backend"] is None and kw["num_frames"] is None and kw["seed"] == 0  # image model: no frames
-    kw = Request(model="tiny-wan", method="none", attention_backend="native", num_frames="5", steps=2.0).generate_kwargs()
+    kw = Request(model="tiny-wan-random", method="none", attention_backend="native", num_frames="5", steps=2.0).generate_kwargs()
     assert (kw["attention_backend"], kw["num_frames"], kw["steps"]) == ("native", 5, 2)

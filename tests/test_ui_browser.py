@@ -85,7 +85,7 @@ def _server_up(url: str) -> bool:
 
 
 def test_generate_image_then_bad_value_shows_error_and_server_stays_up(page, server):
-    _choose(page, "da-model", "tiny-flux")
+    _choose(page, "da-model", "tiny-flux-random")
     _choose(page, "da-method", "gna")
     window = page.locator("#da-gna-window")
     window.wait_for(state="visible")
@@ -110,7 +110,7 @@ def test_generate_image_then_bad_value_shows_error_and_server_stays_up(page, ser
 
     # an out-of-range value on the same page: an error again, and the page still works afterwards
     _choose(page, "da-method", "radial")
-    _choose(page, "da-model", "tiny-wan")
+    _choose(page, "da-model", "tiny-wan-random")
     _fill(page, "da-radial-decay-factor", "-1")
     page.locator("#da-generate").click()
     _error_toast(page, r"decay_factor.*\[0\.0").first.wait_for(state="visible")
@@ -118,7 +118,7 @@ def test_generate_image_then_bad_value_shows_error_and_server_stays_up(page, ser
 
 
 def test_video_and_compare_with_dense(page):
-    _choose(page, "da-model", "tiny-wan")  # the default method: radial
+    _choose(page, "da-model", "tiny-wan-random")  # the default method: radial
     _fill(page, "da-steps", "2")
     _fill(page, "da-frames", "5")
     _fill(page, "da-radial-dense-steps", "0")
@@ -133,7 +133,7 @@ def test_video_and_compare_with_dense(page):
 
 
 def test_slider_with_per_model_default_and_pattern_button(page):
-    _choose(page, "da-model", "tiny-sd15")
+    _choose(page, "da-model", "tiny-sd15-random")
     _choose(page, "da-method", "hidiffusion")
     default_box = page.locator("#da-hidiffusion-shift-default input")
     assert default_box.is_checked()  # untouched: the method's own choice

@@ -53,11 +53,11 @@ def rejected(pipe, method, match, **params):
     (dict(window=3, backend=None), r"'backend' does not take None \(its default is 'auto'\); omit it"),
 ])
 def test_gna_errors_known_at_apply_on_an_image_model(params, match):
-    rejected(pipe_for("tiny-flux"), "gna", match, **params)
+    rejected(pipe_for("tiny-flux-random"), "gna", match, **params)
 
 
 def test_grid_rank_on_a_video_model_and_broadcasting():
-    pipe = pipe_for("tiny-wan")
+    pipe = pipe_for("tiny-wan-random")
     rejected(pipe, "gna", r"'window'=\(3, 4\) has 2 entries, but wan models have a 3-D token grid \(T, H, W\)",
              window=(3, 4))
     with da.applied(pipe, "gna", window=(3,), stride=1) as h:  # a 1-tuple broadcasts
@@ -69,7 +69,7 @@ def test_grid_rank_on_a_video_model_and_broadcasting():
 @pytest.mark.parametrize("backend, needs", [("windows", "partition the grid"), ("strips", "box patterns"),
                                             ("natten", "box patterns"), ("xformers", "partition the grid")])
 def test_radial_refuses_backends_that_can_never_run_it(backend, needs):
-    rejected(pipe_for("tiny-wan"), "radial", rf"backend='{backend}' cannot run radial: it runs .*{needs}.*; "
+    rejected(pipe_for("tiny-wan-random"), "radial", rf"backend='{backend}' cannot run radial: it runs .*{needs}.*; "
                                              r"accepted: auto, dense, reference, flex, gather, chunked, triton",
              backend=backend)
 
@@ -78,7 +78,7 @@ def test_backends_this_machine_cannot_run_are_refused_at_apply(monkeypatch):
     """triton and xformers need CUDA: on a CPU-only torch they are refused at apply, not at the first call;
     sliding GNA (stride < window) never partitions the grid, so backend='windows' is refused too."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    pipe = pipe_for("tiny-wan")
+    pipe = pipe_for("tiny-wan-random")
     rejected(pipe, "radial", r"backend='triton' cannot run radial on this machine \(cpu\): .*", backend="triton")
     rejected(pipe, "gna", r"backend='xformers' cannot run gna on this machine \(cpu\)", window=3, stride=3, backend="xformers")
     rejected(pipe, "gna", r"backend='windows' cannot run gna: it runs patterns whose windows partition the grid",
@@ -88,7 +88,7 @@ def test_backends_this_machine_cannot_run_are_refused_at_apply(monkeypatch):
 
 
 def test_radial_backend_none_and_nan():
-    pipe = pipe_for("tiny-wan")
+    pipe = pipe_for("tiny-wan-random")
     rejected(pipe, "radial", r"'backend' does not take None", backend=None)
     rejected(pipe, "radial", r"'decay_factor' must be a finite number, got nan", decay_factor=float("nan"))
     rejected(pipe, "radial", r"'decay_factor' must be a finite number, got inf", decay_factor=float("inf"))
@@ -110,13 +110,13 @@ def test_radial_backend_none_and_nan():
     (2.0, r"'window' must be an int or a tuple of ints"),
 ])
 def test_tuple_entries_must_be_ints(window, match):
-    rejected(pipe_for("tiny-flux"), "gna", match, window=window)
+    rejected(pipe_for("tiny-flux-random"), "gna", match, window=window)
     with pytest.raises(ValueError, match=match):
         da.GNAProcessor(window=window)
 
 
 def test_hidiffusion_nan_and_none():
-    pipe = pipe_for("tiny-sd15")
+    pipe = pipe_for("tiny-sd15-random")
     rejected(pipe, "hidiffusion", r"'t1_ratio' must be a finite number, got nan", t1_ratio=float("nan"))
     rejected(pipe, "hidiffusion", r"'shift' must be int, got 1\.5", shift=1.5)
     rejected(pipe, "hidiffusion", r"'apply_raunet' does not take None \(its default is True\)", apply_raunet=None)
@@ -142,7 +142,7 @@ def test_get_method_with_a_non_name(name):
                                          r"method config, got"):
         da.get_method(name)
     with pytest.raises(ValueError, match="method must be a method name"):
-        da.apply(pipe_for("tiny-flux"), name)
+        da.apply(pipe_for("tiny-flux-random"), name)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -472,22 +472,34 @@ def _build_sdxl(seed: int):
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """An embedded tiny model: its registry ``name``, model ``family``, one-line ``description``, builder."""
+    """An embedded tiny model: its registry ``name``, model ``family``, one-line ``description``, builder.
+
+    ``trained``: the model is one of the shapes-world models of :mod:`.world`, loaded from its shipped
+    weights (``builder`` is then unused); otherwise ``builder(seed)`` makes random weights."""
 
     name: str
     family: str
     description: str
-    builder: Callable[[int], Any]
+    builder: Callable[[int], Any] | None
+    trained: bool = False
 
 
 _MODELS = (
+    EmbeddedModel("tiny-flux", "flux", "FluxPipeline trained on the shapes world (64x64 px, 2 double + 4 single "
+                  "blocks).", None, trained=True),
+    EmbeddedModel("tiny-wan", "wan", "WanPipeline trained on the shapes world (9 frames x 64x64 px, 4 layers).",
+                  None, trained=True),
+    EmbeddedModel("tiny-sd15", "unet-sd15", "StableDiffusionPipeline (SD 1.5 UNet layout) trained on the shapes "
+                  "world (64x64 px).", None, trained=True),
     EmbeddedModel(
-        "tiny-flux", "flux", "FluxPipeline, guidance-distilled, 2 double + 2 single blocks, 2 heads.", _build_flux
+        "tiny-flux-random", "flux", "FluxPipeline, random weights, guidance-distilled, 2 double + 2 single blocks.",
+        _build_flux,
     ),
     EmbeddedModel(
         "tiny-sd3", "sd3", "StableDiffusion3Pipeline, 2 joint blocks, 2 heads, tiny CLIP/CLIP/T5.", _build_sd3
     ),
-    EmbeddedModel("tiny-wan", "wan", "WanPipeline (Wan 2.1 T2V), 2 layers, 2 heads, tiny UMT5.", _build_wan),
+    EmbeddedModel("tiny-wan-random", "wan", "WanPipeline (Wan 2.1 T2V), random weights, 2 layers, 2 heads.",
+                  _build_wan),
     EmbeddedModel(
         "tiny-wan22",
         "wan",
@@ -501,7 +513,8 @@ _MODELS = (
         _build_hunyuanvideo,
     ),
     EmbeddedModel("tiny-mochi", "mochi", "MochiPipeline (Mochi 1), 2 joint blocks, 2 heads, tiny T5.", _build_mochi),
-    EmbeddedModel("tiny-sd15", "unet-sd15", "StableDiffusionPipeline with an SD 1.5-shaped UNet.", _build_sd15),
+    EmbeddedModel("tiny-sd15-random", "unet-sd15", "StableDiffusionPipeline with an SD 1.5-shaped UNet, random "
+                  "weights.", _build_sd15),
     EmbeddedModel("tiny-sdxl", "unet-sdxl", "StableDiffusionXLPipeline with an SDXL-shaped UNet.", _build_sdxl),
 )
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.name: m for m in _MODELS}
@@ -515,9 +528,15 @@ def _unknown_name_error(name: str) -> ValueError:
 
 
 def build_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Build the embedded tiny pipeline ``name`` with weights determined by ``seed``, on ``device`` in ``dtype``."""
+    """Build the embedded tiny pipeline ``name`` on ``device`` in ``dtype``: random weights determined by
+    ``seed``, or for a trained model (``tiny-flux``, ``tiny-wan``, ``tiny-sd15``) its shipped weights
+    (``seed`` unused)."""
     if name not in EMBEDDED_MODELS:
         raise _unknown_name_error(name)
+    if EMBEDDED_MODELS[name].trained:
+        from .world import load_trained
+
+        return load_trained(name, dtype=dtype, device=device)
     pipe = EMBEDDED_MODELS[name].builder(seed)
     if dtype != torch.float32:
         for component in pipe.components.values():
@@ -652,7 +671,15 @@ _DEFAULT_KWARGS: dict[str, dict[str, Any]] = {
 def default_call_kwargs(name_or_family: Any, **overrides: Any) -> dict[str, Any]:
     """Small generation kwargs for an embedded model name, a family name, or a pipeline/denoiser:
     2 steps, ``output_type="pt"``, CFG on (``guidance_scale`` > 1; embedded guidance for flux/hunyuanvideo),
-    non-square token grids (see the module docstring). ``overrides`` are merged on top."""
+    non-square token grids (see the module docstring). A trained model's name gives its own defaults instead
+    (its training resolution and enough steps for a clean sample, :data:`.world.WORLD_MODELS`).
+    ``overrides`` are merged on top."""
+    if isinstance(name_or_family, str) and name_or_family in EMBEDDED_MODELS and EMBEDDED_MODELS[name_or_family].trained:
+        from .world import WORLD_MODELS
+
+        kwargs = dict(output_type="pt", **WORLD_MODELS[name_or_family].call_kwargs)
+        kwargs.update(overrides)
+        return kwargs
     family = model_family(name_or_family)
     kwargs = dict(num_inference_steps=2, output_type="pt", **_DEFAULT_KWARGS[family])
     kwargs.update(overrides)

@@ -63,18 +63,42 @@ def _byte_level(text: str) -> str:
     return "".join(table[b] for b in text.encode("utf-8"))
 
 
-def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """Character-level ``CLIPTokenizer``: ids 0-255 bytes, 256-511 bytes + ``</w>``, 512 BOS, 513 EOS (= pad)."""
+def _word_merges(words) -> list[tuple[str, str]]:
+    """BPE merges that build each lower-case ASCII word left to right into one ``word</w>`` token.
+
+    Longer words come first, so a pair inside a long word (``t o`` in ``bottom``) is never taken by the
+    merges of a shorter word (``top``) before the long word is complete."""
+    merges: list[tuple[str, str]] = []
+    for word in sorted(dict.fromkeys(words), key=lambda w: (-len(w), w)):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        prefix = symbols[0]
+        for symbol in symbols[1:]:
+            if (prefix, symbol) not in merges:
+                merges.append((prefix, symbol))
+            prefix += symbol
+    return merges
+
+
+def clip_tokenizer(model_max_length: int = 77, words=()) -> CLIPTokenizer:
+    """Character-level ``CLIPTokenizer``: ids 0-255 bytes, 256-511 bytes + ``</w>``, 512 BOS, 513 EOS (= pad).
+
+    ``words`` (lower-case ASCII) each become one whole-word token (ids from 514 on, with the BPE merges
+    that build them); any other word still falls back to characters."""
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    merges = _word_merges(words)
+    tokens += [a + b for a, b in merges]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
-    """Character-level ``T5Tokenizer``: 0 pad, 1 EOS, 2 unk, 3 ``▁``, then printable ASCII characters."""
+def t5_tokenizer(model_max_length: int = 512, words=()) -> T5Tokenizer:
+    """Character-level ``T5Tokenizer``: 0 pad, 1 EOS, 2 unk, 3 ``▁``, then printable ASCII characters.
+
+    ``words`` each become one whole-word piece ``▁word`` scored above any split into characters."""
     chars = [c for c in string.printable if not c.isspace()]
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -1.0) for c in chars]
+    pieces += [("▁" + w, -0.5) for w in dict.fromkeys(words)]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 

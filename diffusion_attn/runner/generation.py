@@ -89,6 +89,17 @@ def check_method(method: str, family: str | None):
     return spec
 
 
+def default_steps(model) -> int:
+    """The denoising steps ``generate`` runs when none are given: a trained embedded model's own default
+    (20-25, :data:`diffusion_attn.models.world.WORLD_MODELS`), else 4."""
+    from ..models import EMBEDDED_MODELS, default_call_kwargs
+
+    name = model if isinstance(model, str) else getattr(model, "_diffusion_attn_embedded", None)
+    if name in EMBEDDED_MODELS and EMBEDDED_MODELS[name].trained:
+        return int(default_call_kwargs(name)["num_inference_steps"])
+    return 4
+
+
 def _check_steps(family: str | None, steps) -> None:
     need = MIN_STEPS.get(family, 1)
     if int(steps) < need:
@@ -148,7 +159,7 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     num_frames: int | None = None,
-    steps: int = 4,
+    steps: int | None = None,
     guidance_scale: float | None = None,
     seed: int = 0,
     dtype="float32",
@@ -184,7 +195,9 @@ def generate(
     params = {k: v for k, v in (params or {}).items() if v is not None}  # None = "default", as in the UI
     if method == "none" and params:
         raise ValueError(f"method 'none' takes no parameters, got {', '.join(params)}")
-    if steps is None or int(steps) < 1:
+    if steps is None:  # a trained embedded model's own step count; 4 otherwise
+        steps = default_steps(model)
+    if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
     # fail before loading anything when we can tell the family from the name
     early_family = EMBEDDED_MODELS[model].family if isinstance(model, str) and model in EMBEDDED_MODELS else None
@@ -212,7 +225,7 @@ def generate(
             raise ValueError(f"num_frames is for video models; {_model_name(model)} is an image model ({family})")
         overrides["num_frames"] = int(num_frames)
     if getattr(pipe, "_diffusion_attn_embedded", None):
-        call_kwargs = default_call_kwargs(family, **overrides)  # the tiny models' small sizes
+        call_kwargs = default_call_kwargs(pipe._diffusion_attn_embedded, **overrides)  # the tiny models' sizes
         if not is_video_family:
             call_kwargs.pop("num_frames", None)
     else:  # a real checkpoint: its pipeline's own defaults for everything not given
