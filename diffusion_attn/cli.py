@@ -151,7 +151,9 @@ def _placement(args):
 
 
 def _generation_kwargs(args) -> dict:
-    return dict(prompt=args.prompt, height=args.height, width=args.width, num_frames=args.num_frames, steps=args.steps,
+    from .models import default_prompt
+
+    return dict(prompt=args.prompt if args.prompt is not None else default_prompt(args.model), height=args.height, width=args.width, num_frames=args.num_frames, steps=args.steps,
                 guidance_scale=args.guidance_scale, seed=args.seed, dtype=args.dtype, device=args.device,
                 attention_backend=args.attention_backend, placement=_placement(args))
 
@@ -199,10 +201,22 @@ def cmd_compare(args) -> int:
     finally:
         progress.close()
     path = save(result, args.output)
+    from .compare import _score_text
+
     psnr = "identical" if result.psnr == float("inf") else f"PSNR {result.psnr:.2f} dB"
+    if result.ssim is not None and result.psnr != float("inf"):
+        psnr += f", SSIM {result.ssim:.3f}"
+    elif result.ssim is None:
+        psnr += ' (SSIM: pip install "diffusion-attn[quality]")'
     print(f"dense {result.dense.seconds_per_step:.3f} s/step, {result.method.method} {result.method.seconds_per_step:.3f} s/step "
           f"(speed {result.speedup:.2f}x); |diff| mean {result.mean_abs_diff:.3f}, max {result.max_abs_diff:.0f} (0-255), "
           f"{psnr} -> {path} (+ {path.with_suffix('.json').name})")
+    if result.scores is not None:
+        print(_score_text(result.scores))
+    else:
+        unparsed = result.meta.get("scorer_unparsed") or []
+        print("scorer: the prompt names no shape of the shapes world" + (f" (not understood: {', '.join(unparsed)})" if unparsed else "")
+              + "; no object scores")
     return 0
 
 
@@ -358,7 +372,8 @@ def _add_generation_args(p: argparse.ArgumentParser, output_default: str, output
     p.add_argument("--method", default="radial", help="method name (see `diffusion-attn methods`), or 'none' for stock attention (default: radial)")
     p.add_argument("--model", "-m", default="tiny-wan",
                    help=f"embedded tiny model ({', '.join(EMBEDDED_MODELS)}) or a Hugging Face Hub id / local diffusers folder (default: tiny-wan)")
-    p.add_argument("--prompt", default="a red fox running through fresh snow, cinematic")
+    p.add_argument("--prompt", help="the prompt (default: the trained tiny model's example, e.g. "
+                                    "'a red circle moving right and a blue square moving down' for tiny-wan)")
     p.add_argument("--height", type=int, help="pixels (default: the model's small default)")
     p.add_argument("--width", type=int, help="pixels (default: the model's small default)")
     p.add_argument("--num-frames", dest="num_frames", type=int, help="frames, video models only")

@@ -1,8 +1,9 @@
-"""Dense vs method, same seed: timings, pixel differences and one side-by-side picture.
+"""Dense vs method, same seed: timings, pixel differences, image metrics, the shapes-world scorer's verdict
+on both, and one side-by-side picture.
 
     from diffusion_attn.compare import compare, save
-    cmp = compare("tiny-flux", "gna", {"window": (4, 6)}, prompt="a lighthouse at dusk", seed=0, steps=2)
-    print(cmp.speedup, cmp.mean_abs_diff, cmp.psnr)
+    cmp = compare("tiny-flux", "gna", {"window": (4, 4)}, prompt="a red circle at the top left", seed=0)
+    print(cmp.speedup, cmp.psnr, cmp.ssim, cmp.scores["method"]["object_correct"])
     save(cmp, "outputs/compare")        # outputs/compare.png (dense left, method right) + .json
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from .runner import FPS, GenerationResult, _save_frames, generate, jsonable
 
-__all__ = ["CompareResult", "compare", "difference", "side_by_side", "save"]
+__all__ = ["CompareResult", "compare", "difference", "metrics", "save", "score_outputs", "side_by_side"]
 
 
 @dataclass
@@ -26,7 +27,12 @@ class CompareResult:
 
     ``speedup``: dense seconds per step / method seconds per step (> 1: the method is faster).
     ``mean_abs_diff`` / ``max_abs_diff``: absolute pixel difference on the 0-255 scale over all frames,
-    pixels and channels; ``psnr``: in dB (``inf`` for identical outputs). ``side_by_side``: one PIL image
+    pixels and channels; ``psnr``: in dB (``inf`` for identical outputs) and ``ssim`` of the method's output
+    against the dense one, from scikit-image (``ssim`` is ``None`` without the ``quality`` extra, and
+    ``psnr`` then comes from the same formula in numpy). ``scores``: the shapes-world scorer's verdict on
+    both outputs against the prompt (``{"dense": {...}, "method": {...}}``: object / position / motion
+    correct, duplicated, shapes found), or ``None`` when the prompt names no shape the scorer knows
+    (``meta["scorer_unparsed"]`` then lists the words it could not read). ``side_by_side``: one PIL image
     (a list of frames for video) with the dense output left, the method's right and a caption strip.
     """
 
@@ -38,6 +44,8 @@ class CompareResult:
     psnr: float
     side_by_side: object
     meta: dict = field(default_factory=dict)
+    ssim: float | None = None
+    scores: dict | None = None
 
     @property
     def is_video(self) -> bool:
@@ -54,7 +62,57 @@ class CompareResult:
             "mean_abs_diff": round(self.mean_abs_diff, 4),
             "max_abs_diff": self.max_abs_diff,
             "psnr": round(self.psnr, 3) if math.isfinite(self.psnr) else "inf",
+            "ssim": None if self.ssim is None else round(self.ssim, 4),
+            "scores": self.scores,
         }
+
+
+def _verdict(score) -> dict:
+    """The scorer's per-output verdict, JSON-able."""
+    return {"object_correct": bool(score.object_correct), "position_correct": score.position_correct,
+            "motion_correct": score.motion_correct, "duplicated": bool(score.duplicated),
+            "found": [f"{d.colour} {d.shape}" for d in score.detections],
+            "missing": [" ".join(w for w in m if w) for m in score.missing]}
+
+
+def score_outputs(prompt: str, dense: GenerationResult, method: GenerationResult) -> tuple[dict | None, list[str]]:
+    """The shapes-world scorer (:mod:`diffusion_attn.data.scorer`) on both outputs against ``prompt``:
+    ``({"dense": verdict, "method": verdict}, unparsed words)``, or ``(None, unparsed)`` when the prompt
+    names no shape the scorer understands (any prompt is fine for generation; only scoring needs this)."""
+    from .data import parse_caption, score_image, score_video
+
+    parsed = parse_caption(prompt)
+    if not len(parsed):
+        return None, parsed.unparsed
+    if method.is_video:
+        return {"dense": _verdict(score_video(dense.frames, prompt)),
+                "method": _verdict(score_video(method.frames, prompt))}, parsed.unparsed
+    return {"dense": _verdict(score_image(dense.frames[0], prompt)),
+            "method": _verdict(score_image(method.frames[0], prompt))}, parsed.unparsed
+
+
+def metrics(dense: GenerationResult, method: GenerationResult) -> tuple[float | None, float | None]:
+    """(PSNR, SSIM) of the method's frames against the dense ones from scikit-image, or ``(None, None)``
+    when scikit-image (the ``quality`` extra) is not installed."""
+    from .data import image_metrics
+
+    try:
+        m = image_metrics(method.frames, dense.frames)
+    except ImportError:
+        return None, None
+    return m["psnr"], m["ssim"]
+
+
+def _score_text(scores: dict | None) -> str:
+    if scores is None:
+        return ""
+
+    def one(v):
+        ok = [k for k in ("object", "position", "motion") if v[f"{k}_correct"] is not None]
+        marks = ", ".join(f"{k} {'ok' if v[f'{k}_correct'] else 'wrong'}" for k in ok)
+        return marks + (", duplicated" if v["duplicated"] else "")
+
+    return f"scorer: dense {one(scores['dense'])}; method {one(scores['method'])}"
 
 
 def difference(a: GenerationResult, b: GenerationResult) -> tuple[float, float, float]:
@@ -105,7 +163,7 @@ def _psnr_text(psnr: float) -> str:
 
 
 def side_by_side(dense: GenerationResult, method: GenerationResult, *, speedup: float, mean_abs_diff: float,
-                 max_abs_diff: float, psnr: float):
+                 max_abs_diff: float, psnr: float, ssim: float | None = None, scores: dict | None = None):
     """Dense output left, method output right, caption strip below (one image, or a list for video)."""
     from PIL import Image, ImageDraw
 
@@ -116,7 +174,9 @@ def side_by_side(dense: GenerationResult, method: GenerationResult, *, speedup: 
     left = f"dense: {dense.seconds_per_step:.3f} s/step"
     right = f"{method.method}: {method.seconds_per_step:.3f} s/step"
     summary = (f"speed {speedup:.2f}x; |diff| mean {mean_abs_diff:.2f}, max {max_abs_diff:.0f} (0-255); "
-               f"{_psnr_text(psnr)}")
+               f"{_psnr_text(psnr)}" + ("" if ssim is None or math.isinf(psnr) else f", SSIM {ssim:.3f}"))
+    if scores is not None:
+        summary += "; " + _score_text(scores)
     params = _fmt_params(method.params)
     left_lines = _wrap(f_label, left, w - 8)
     right_lines = _wrap(f_label, right, w - 8)
@@ -151,7 +211,7 @@ def compare(
     height: int | None = None,
     width: int | None = None,
     num_frames: int | None = None,
-    steps: int = 4,
+    steps: int | None = None,
     guidance_scale: float | None = None,
     dtype="float32",
     device: str = "cpu",
@@ -177,7 +237,9 @@ def compare(
     check_method(method, EMBEDDED_MODELS[model].family if isinstance(model, str) and model in EMBEDDED_MODELS else None)
     if warmup:
         generate(model, "none", callback=lambda i, total: None, **{**kwargs, "steps": 1})  # (no tqdm bar)
-    offset, seen = [0], [int(steps)]
+    from .runner.generation import default_steps
+
+    offset, seen = [0], [int(steps) if steps is not None else default_steps(model)]
 
     def cb(i, total):
         seen[0] = total
@@ -189,12 +251,16 @@ def compare(
     offset[0] = seen[0]
     dense_result = generate(model, "none", callback=cb, **kwargs)
     mean_d, max_d, psnr = difference(dense_result, method_result)
+    lib_psnr, ssim = metrics(dense_result, method_result)
+    psnr = psnr if lib_psnr is None else lib_psnr
+    scores, unparsed = score_outputs(prompt, dense_result, method_result)
     speedup = dense_result.seconds_per_step / method_result.seconds_per_step if method_result.seconds_per_step > 0 else math.nan
-    picture = side_by_side(dense_result, method_result, speedup=speedup, mean_abs_diff=mean_d, max_abs_diff=max_d, psnr=psnr)
+    picture = side_by_side(dense_result, method_result, speedup=speedup, mean_abs_diff=mean_d, max_abs_diff=max_d,
+                           psnr=psnr, ssim=ssim, scores=scores)
     result = CompareResult(dense=dense_result, method=method_result, speedup=speedup, mean_abs_diff=mean_d,
-                           max_abs_diff=max_d, psnr=psnr, side_by_side=picture)
+                           max_abs_diff=max_d, psnr=psnr, side_by_side=picture, ssim=ssim, scores=scores)
     result.meta = jsonable({"compare": result.summary(), "layout": "dense left, method right",
-                             "method": method_result.meta, "dense": dense_result.meta})
+                             "scorer_unparsed": unparsed, "method": method_result.meta, "dense": dense_result.meta})
     return result
 
 

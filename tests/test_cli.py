@@ -146,7 +146,7 @@ def test_errors_exit_nonzero(capsys):
     assert main(["generate", "--method", "gna", "--windw", "3"]) == 2
     assert "unrecognized arguments: --windw 3 (did you mean --window?)" in capsys.readouterr().err
     assert main(["generate", "--method", "none", "--model", "tiny-fluxx"]) == 2
-    assert "Did you mean 'tiny-flux-random'?" in capsys.readouterr().err
+    assert "Did you mean 'tiny-flux'?" in capsys.readouterr().err
     assert main(["generate", "--method", "none", "--model", "/nonexistent/model-dir"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffusion-attn: error: Could not load a diffusers pipeline") and err.count("\n") == 1
@@ -160,7 +160,7 @@ def test_errors_exit_nonzero(capsys):
 
 def test_help_on_every_command(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"generate", "compare", "mask", "methods", "simulate", "ui", "export-comfy"}
+    assert set(commands) == {"generate", "compare", "mask", "methods", "simulate", "ui", "export-comfy", "train"}
     for name in commands:
         assert main([name, "--help"]) == 0
         assert f"usage: diffusion-attn {name}" in capsys.readouterr().out

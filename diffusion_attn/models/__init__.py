@@ -1,8 +1,11 @@
-"""Embedded default models: tiny random-weight diffusers pipelines per family, built offline in-process.
+"""Embedded default models: tiny diffusers pipelines per family that run offline on a CPU.
 
->>> from diffusion_attn.models import build_pipeline, default_call_kwargs
->>> pipe = build_pipeline("tiny-flux", seed=0)
->>> images = pipe(prompt="a cat", **default_call_kwargs("tiny-flux")).images
+``tiny-flux``, ``tiny-sd15`` and ``tiny-wan`` are trained on the shapes world (:mod:`.world`, shipped
+weights); ``tiny-*-random`` and the other families are random-weight builders for fast tests (:mod:`.tiny`).
+
+>>> from diffusion_attn.models import build_pipeline, default_call_kwargs, default_prompt
+>>> pipe = build_pipeline("tiny-flux")
+>>> image = pipe(prompt=default_prompt("tiny-flux"), **default_call_kwargs("tiny-flux"))[0]
 """
 
 from .tiny import (
@@ -11,6 +14,7 @@ from .tiny import (
     EmbeddedModel,
     build_pipeline,
     default_call_kwargs,
+    default_prompt,
     load_pipeline,
     model_family,
 )
@@ -21,6 +25,7 @@ __all__ = [
     "EmbeddedModel",
     "build_pipeline",
     "default_call_kwargs",
+    "default_prompt",
     "load_pipeline",
     "model_family",
 ]

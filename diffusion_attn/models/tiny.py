@@ -42,6 +42,7 @@ __all__ = [
     "load_pipeline",
     "model_family",
     "default_call_kwargs",
+    "default_prompt",
 ]
 
 FAMILIES = ("flux", "sd3", "wan", "hunyuanvideo", "unet-sd15", "unet-sdxl", "mochi")
@@ -668,16 +669,35 @@ _DEFAULT_KWARGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The prompt of the CLI and the UI for a model without one of its own (the random and hub models).
+GENERIC_PROMPT = "a red fox running through fresh snow, cinematic"
+
+
+def default_prompt(model: Any) -> str:
+    """An example prompt for ``model``: a trained shapes-world model's own (one it draws), else a generic one."""
+    if isinstance(model, str) and model in EMBEDDED_MODELS and EMBEDDED_MODELS[model].trained:
+        from .world import WORLD_MODELS
+
+        return WORLD_MODELS[model].prompt
+    return GENERIC_PROMPT
+
+
 def default_call_kwargs(name_or_family: Any, **overrides: Any) -> dict[str, Any]:
     """Small generation kwargs for an embedded model name, a family name, or a pipeline/denoiser:
     2 steps, ``output_type="pt"``, CFG on (``guidance_scale`` > 1; embedded guidance for flux/hunyuanvideo),
     non-square token grids (see the module docstring). A trained model's name gives its own defaults instead
-    (its training resolution and enough steps for a clean sample, :data:`.world.WORLD_MODELS`).
+    (its training resolution and enough steps for a clean sample, :data:`.world.WORLD_MODELS`); for the
+    trained ``tiny-flux`` (true classifier-free guidance, no guidance embedding) a ``guidance_scale``
+    override sets ``true_cfg_scale``.
     ``overrides`` are merged on top."""
     if isinstance(name_or_family, str) and name_or_family in EMBEDDED_MODELS and EMBEDDED_MODELS[name_or_family].trained:
         from .world import WORLD_MODELS
 
         kwargs = dict(output_type="pt", **WORLD_MODELS[name_or_family].call_kwargs)
+        if "true_cfg_scale" in kwargs and "guidance_scale" in overrides:
+            # tiny-flux is not guidance-distilled: its guidance is true classifier-free guidance
+            overrides = dict(overrides)
+            kwargs["true_cfg_scale"] = overrides.pop("guidance_scale")
         kwargs.update(overrides)
         return kwargs
     family = model_family(name_or_family)

@@ -100,6 +100,30 @@ def default_steps(model) -> int:
     return 4
 
 
+def size_multiple(pipe, family: str) -> int:
+    """The multiple of pixels a pipeline's height and width must be: the VAE's spatial factor times the
+    denoiser's patch size (Flux packs 2 x 2 latents; a UNet takes any latent size)."""
+    denoiser = getattr(pipe, "transformer", None)
+    spatial = int(getattr(pipe, "vae_scale_factor_spatial", 0) or getattr(pipe, "vae_scale_factor", 0) or 8)
+    if family == "flux":
+        return spatial * 2
+    if family.startswith("unet") or denoiser is None:
+        return spatial
+    patch = denoiser.config.get("patch_size", 1) if hasattr(denoiser.config, "get") else 1
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else (patch or 1)
+    return spatial * int(patch)
+
+
+def _check_size(pipe, family: str, height, width) -> None:
+    multiple = size_multiple(pipe, family)
+    for key, value in (("height", height), ("width", width)):
+        if value is not None and int(value) % multiple:
+            low = max(multiple, int(value) // multiple * multiple)
+            raise ValueError(f"{key}={int(value)} does not fit this {family} model: height and width must be "
+                             f"multiples of {multiple} px (VAE downsampling x patch size); nearest: {low} or "
+                             f"{low + multiple}")
+
+
 def _check_steps(family: str | None, steps) -> None:
     need = MIN_STEPS.get(family, 1)
     if int(steps) < need:
@@ -215,6 +239,7 @@ def generate(
     if spec is not None:
         check_method(method, family)
     _check_steps(family, steps)
+    _check_size(pipe, family, height, width)
     is_video_family = family in VIDEO_FAMILIES
     overrides: dict[str, Any] = {"num_inference_steps": int(steps)}
     for key, value in (("height", height), ("width", width), ("guidance_scale", guidance_scale)):

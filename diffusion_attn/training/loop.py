@@ -40,11 +40,11 @@ TARGETS = ("image-vae", "video-vae", "tiny-flux", "tiny-sd15", "tiny-wan")
 #: Defaults per target: steps, batch size, learning rate, training-pool size. The shipped weights were
 #: trained with exactly these (see docs/training.md for the times on a 2-core CPU).
 DEFAULTS: dict[str, dict] = {
-    "image-vae": dict(steps=1500, batch_size=16, lr=1e-3, data_size=4000),
-    "video-vae": dict(steps=600, batch_size=4, lr=1e-3, data_size=1000),
-    "tiny-flux": dict(steps=6000, batch_size=32, lr=5e-4, data_size=30000),
-    "tiny-sd15": dict(steps=4000, batch_size=32, lr=5e-4, data_size=30000),
-    "tiny-wan": dict(steps=5000, batch_size=16, lr=5e-4, data_size=8000),
+    "image-vae": dict(steps=3000, batch_size=16, lr=2e-3, data_size=8000),
+    "video-vae": dict(steps=1200, batch_size=4, lr=1e-3, data_size=1000),
+    "tiny-flux": dict(steps=5000, batch_size=32, lr=5e-4, data_size=30000),
+    "tiny-sd15": dict(steps=2500, batch_size=32, lr=5e-4, data_size=30000),
+    "tiny-wan": dict(steps=6000, batch_size=16, lr=5e-4, data_size=8000),
 }
 
 

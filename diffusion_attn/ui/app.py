@@ -10,6 +10,7 @@ from .handlers import (
     DEFAULT_METHOD,
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
+    DEFAULT_STEPS,
     Request,
     _gallery_frames,
     compare_outputs,
@@ -55,8 +56,12 @@ def build_demo():
     gr = _gradio()
     import torch
 
-    from ..models import EMBEDDED_MODELS
+    from ..models import EMBEDDED_MODELS, default_prompt
+    from ..models.tiny import GENERIC_PROMPT
+    from ..models.world import IMAGE_PROMPT, VIDEO_PROMPT
     from ..registry import methods
+
+    _EXAMPLE_PROMPTS = {DEFAULT_PROMPT, GENERIC_PROMPT, IMAGE_PROMPT, VIDEO_PROMPT}
 
     specs = methods()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
@@ -65,8 +70,10 @@ def build_demo():
 
     with gr.Blocks(title="diffusion-attn") as demo:
         gr.Markdown("# diffusion-attn\nPublished attention methods on diffusers pipelines. The embedded "
-                    "`tiny-*` models are small random-weight pipelines that run offline on a CPU: their "
-                    "pictures are noise, but every method, timing and pattern is real.")
+                    "`tiny-flux`, `tiny-sd15` and `tiny-wan` are small real-family pipelines trained on a world of "
+                    "coloured shapes (prompts like *a red circle at the top left* or *a blue square moving "
+                    "down*); they run offline on a CPU. The `tiny-*-random` and other tiny models have random "
+                    "weights (noise pictures, real timings and patterns).")
         with gr.Row():
             with gr.Column(scale=1):
                 with gr.Row():
@@ -94,7 +101,7 @@ def build_demo():
                     frames = gr.Textbox("", label="Frames", placeholder=str(default_sizes.get("num_frames", "")),
                                         info="video models", max_lines=1, elem_id="da-frames")
                 with gr.Row():
-                    steps = gr.Slider(1, 50, value=4, step=1, label="Steps", elem_id="da-steps")
+                    steps = gr.Slider(1, 50, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="da-steps")
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="da-seed")
                     guidance = gr.Textbox("", label="Guidance", info="blank: model default", max_lines=1,
                                           placeholder=str(default_sizes.get("guidance_scale", "")), elem_id="da-guidance")
@@ -173,12 +180,15 @@ def build_demo():
             model = (path or "").strip() or model_name
             return [gr.update(visible=name == method) for name in groups] + [method_markdown(method, model)]
 
-        def on_model(model_name, path, method):
+        def on_model(model_name, path, method, current_prompt):
             model = (path or "").strip() or model_name
             family = model_family_of(model)
             sizes = size_defaults(model, family)
             is_video = family is None or family in VIDEO_FAMILIES
+            # an example prompt the new model draws, unless the user wrote their own
+            untouched = current_prompt in _EXAMPLE_PROMPTS or not (current_prompt or "").strip()
             return (method_markdown(method, model),
+                    gr.update(value=default_prompt(model)) if untouched else gr.update(),
                     gr.update(placeholder=str(sizes.get("height", ""))),
                     gr.update(placeholder=str(sizes.get("width", ""))),
                     gr.update(placeholder=str(sizes.get("num_frames", "")), visible=is_video),
@@ -199,7 +209,7 @@ def build_demo():
         method_dd.change(on_method, [method_dd, model_dd, model_path], [*groups.values(), method_info],
                          queue=False, show_progress="hidden")
         for trigger in (model_dd.change, model_path.blur):
-            trigger(on_model, [model_dd, model_path, method_dd], [method_info, height, width, frames, guidance],
+            trigger(on_model, [model_dd, model_path, method_dd, prompt], [method_info, prompt, height, width, frames, guidance],
                     queue=False, show_progress="hidden")
 
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..runner import check_method
+from ..models.world import VIDEO_PROMPT
 from .controls import DEFAULT_CHOICE, collect_params
 from .families import _SEEN_FAMILIES, VIDEO_FAMILIES, _variant, model_family_of, size_defaults, token_layout
 
@@ -19,7 +20,9 @@ __all__ = ["Request", "compare_outputs", "generate_outputs", "pattern_outputs"]
 
 DEFAULT_MODEL = "tiny-wan"
 DEFAULT_METHOD = "radial"
-DEFAULT_PROMPT = "a red fox running through fresh snow, cinematic"
+DEFAULT_PROMPT = VIDEO_PROMPT  # one the default model (tiny-wan) draws
+#: steps of the UI's slider at start: the trained tiny models' own count
+DEFAULT_STEPS = 20
 #: largest token count the attention-pattern picture is drawn for (drawing time grows as tokens^2)
 MAX_PATTERN_TOKENS = 65536
 #: most video frames put in the output gallery (the video itself has them all)
@@ -38,7 +41,7 @@ class Request:
     height: Any = None
     width: Any = None
     num_frames: Any = None
-    steps: Any = 4
+    steps: Any = DEFAULT_STEPS
     guidance_scale: Any = None
     seed: Any = 0
     dtype: str = "float32"
