@@ -23,7 +23,8 @@ The architecture, fixed here so that training and loading agree:
 * **tiny-flux**: ``FluxTransformer2DModel`` 2 double + 4 single blocks, 4 heads x 32, no guidance embedding
   (it is not guidance-distilled; use ``true_cfg_scale`` with a ``negative_prompt``), flow matching.
   64 x 64 px -> 8 x 8 image tokens + 32 T5 tokens.
-* **tiny-sd15**: ``UNet2DConditionModel`` with the SD 1.5 block layout, channels (32, 64, 64, 64),
+* **tiny-sd15**: ``UNet2DConditionModel`` with the SD 1.5 block layout (2 layers per block, so every
+  module HiDiffusion patches exists), channels (32, 64, 64, 64), 8 input channels (the image VAE's),
   epsilon prediction on SD 1.5's scaled-linear DDPM schedule. Self-attention grids 16 x 16, 8 x 8, 4 x 4.
 * **tiny-wan**: ``WanTransformer3DModel`` 4 layers, 4 heads x 24, patch 1 x 2 x 2, flow matching.
   9 frames x 64 x 64 px -> 3 x 8 x 8 video tokens; cross-attention to 32 UMT5 tokens.
@@ -181,7 +182,7 @@ def build_untrained(name: str, vae=None, seed: int = 0):
             unet = UNet2DConditionModel(sample_size=16, in_channels=8, out_channels=8,
                                         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                                         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                                        block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+                                        block_out_channels=(32, 64, 64, 64), layers_per_block=2,
                                         cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
         clip_tok = tok.clip_tokenizer(words=WORLD_WORDS)
         scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -43,7 +43,7 @@ DEFAULTS: dict[str, dict] = {
     "image-vae": dict(steps=3000, batch_size=16, lr=2e-3, data_size=8000),
     "video-vae": dict(steps=1200, batch_size=4, lr=1e-3, data_size=1000),
     "tiny-flux": dict(steps=5000, batch_size=32, lr=5e-4, data_size=30000),
-    "tiny-sd15": dict(steps=2500, batch_size=32, lr=5e-4, data_size=30000),
+    "tiny-sd15": dict(steps=2000, batch_size=32, lr=5e-4, data_size=30000),
     "tiny-wan": dict(steps=6000, batch_size=16, lr=5e-4, data_size=8000),
 }
 
