@@ -407,6 +407,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-size", dest="data_size", type=int, help="training pool size (seeds 0..N-1; default: the target's)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch seed (default: 0)")
     p.add_argument("--vae", help="trained VAE folder for a denoiser (default: OUTPUT_DIR/image-vae/final or video-vae/final)")
+    p.add_argument("--init-from", dest="init_from", help="VAE targets: start from this trained VAE folder")
+    p.add_argument("--decoder-only", dest="decoder_only", action="store_true",
+                   help="VAE targets: fine-tune the decoder only, keeping the encoder (the denoisers' latent space)")
     p.add_argument("--cache-dir", dest="cache_dir", help="cache the generated pool and its latents here")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=500, help="steps between checkpoints (default: 500)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR/TARGET/checkpoints")
@@ -432,6 +435,8 @@ def cmd_train(args) -> int:
     targets = list(TARGETS) if args.target == "all" else [args.target]
     configs = [TrainConfig(t, output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            data_size=args.data_size, seed=args.seed, vae=args.vae if len(targets) == 1 else None,
+                           init_from=args.init_from if len(targets) == 1 else None,
+                           decoder_only=args.decoder_only and len(targets) == 1,
                            cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
                            max_minutes=args.max_minutes, mixed_precision=args.mixed_precision, progress=args.progress)
                for t in targets]  # all checked before any training starts

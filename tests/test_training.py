@@ -122,3 +122,31 @@ def test_missing_shipped_weights_name_the_training_command(tmp_path, monkeypatch
     monkeypatch.setenv("DIFFUSION_ATTN_WEIGHTS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="diffusion-attn train tiny-wan"):
         build_pipeline("tiny-wan")
+
+
+def test_wan_training_decode_is_the_pipeline_decode_without_its_clamp():
+    from diffusion_attn.training.loop import _wan_decode_unclamped
+
+    vae = world.video_vae().eval()
+    z = 3 * torch.randn(1, 16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clamped, free = vae.decode(z).sample, _wan_decode_unclamped(vae, z)
+    assert free.abs().max() > 1  # it does overshoot: the clamp would zero those gradients
+    torch.testing.assert_close(free.clamp(-1, 1), clamped, rtol=0, atol=0)
+
+
+def test_decoder_only_finetune_keeps_the_latent_space(tmp_path):
+    from safetensors.torch import load_file
+
+    base = train(_tiny("image-vae", tmp_path / "base"))
+    tuned = train(_tiny("image-vae", tmp_path / "tuned", init_from=str(base), decoder_only=True))
+    a = load_file(str(base / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tuned / "diffusion_pytorch_model.safetensors"))
+    encoder = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in a if k.startswith("decoder.")]
+    assert encoder and all(torch.equal(a[k], b[k]) for k in encoder)
+    assert any(not torch.equal(a[k], b[k]) for k in decoder)
+    assert json.loads((tuned / "config.json").read_text())["scaling_factor"] == \
+        json.loads((base / "config.json").read_text())["scaling_factor"]
+    with pytest.raises(ValueError, match="decoder_only needs init_from"):
+        TrainConfig("image-vae", decoder_only=True)
