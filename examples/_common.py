@@ -5,18 +5,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffusion_attn.models import EMBEDDED_MODELS, default_call_kwargs, load_pipeline
+from diffusion_attn.models import EMBEDDED_MODELS, default_call_kwargs, default_prompt, load_pipeline
+from diffusion_attn.runner.generation import default_steps
 
 
 def parser(description: str, model: str, output: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=model, help=f"embedded tiny model ({', '.join(EMBEDDED_MODELS)}) or a hub id / local folder")
-    p.add_argument("--prompt", default="a red fox running through fresh snow, cinematic")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--prompt", help="default: one the trained tiny model draws (e.g. for tiny-wan "
+                                    "'a red circle moving right and a blue square moving down')")
+    p.add_argument("--steps", type=int, help="default: the trained tiny models' own (20-25), else 4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=output, help="output path without suffix")
     return p
+
+
+def finish(args) -> argparse.Namespace:
+    """Fill the model-dependent defaults: the prompt and the step count."""
+    if args.prompt is None:
+        args.prompt = default_prompt(args.model)
+    if args.steps is None:
+        args.steps = default_steps(args.model)
+    return args
 
 
 def load(model: str, device: str):
@@ -27,9 +38,10 @@ def load(model: str, device: str):
 
 
 def call_kwargs(model: str, pipe, steps: int, **extra) -> dict:
-    """Embedded tiny models: their small default sizes; real checkpoints: the pipeline's own defaults."""
+    """Embedded tiny models: their default sizes (the trained ones: their training resolution); real
+    checkpoints: the pipeline's own defaults."""
     if model in EMBEDDED_MODELS:
-        kwargs = default_call_kwargs(pipe, num_inference_steps=steps, **extra)
+        kwargs = default_call_kwargs(model, num_inference_steps=steps, **extra)
         kwargs.pop("output_type", None)
         return kwargs
     return dict(num_inference_steps=steps, **extra)

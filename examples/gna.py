@@ -1,6 +1,6 @@
 """Generalized Neighborhood Attention (GNA) on Flux: sliding / strided / blocked windows over the token grid.
 
-Runs offline in seconds on the embedded tiny Flux (128 x 192 px -> 8 x 12 image tokens):
+Runs offline in seconds on the embedded tiny Flux, trained on the shapes world (64 x 64 px -> 8 x 8 image tokens):
 
     python examples/gna.py                         # -> outputs/gna.png
     python examples/gna.py --model tiny-sd3        # SD3, also Wan / HunyuanVideo (3-D windows)
@@ -21,14 +21,14 @@ or ``python examples/gna.py --model black-forest-labs/FLUX.1-dev --device cuda -
 import torch
 
 import diffusion_attn as da
-from _common import call_kwargs, load, parser, save
+from _common import call_kwargs, finish, load, parser, save
 
 
 def main(argv=None):
     p = parser(__doc__.splitlines()[0], model="tiny-flux", output="outputs/gna")
-    p.add_argument("--window", default="4,6", help="window per axis (tiny Flux grid: 8 x 12 tokens)")
-    p.add_argument("--stride", default="2,3", help="stride per axis: 1 sliding, = window blocked")
-    args = p.parse_args(argv)
+    p.add_argument("--window", default="4,4", help="window per axis (tiny Flux grid: 8 x 8 tokens)")
+    p.add_argument("--stride", default="2,2", help="stride per axis: 1 sliding, = window blocked")
+    args = finish(p.parse_args(argv))
 
     pipe = load(args.model, args.device)
     kwargs = call_kwargs(args.model, pipe, args.steps)

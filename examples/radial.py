@@ -1,6 +1,7 @@
 """Radial attention on Wan 2.1: a static O(n log n) spatio-temporal energy-decay block mask for video DiTs.
 
-Runs offline in seconds on the embedded tiny Wan (9 frames x 128 x 192 px -> 3 x 8 x 12 video tokens):
+Runs offline in seconds on the embedded tiny Wan, trained on the shapes world (9 frames x 64 x 64 px ->
+3 x 8 x 8 video tokens):
 
     python examples/radial.py                        # -> outputs/radial.mp4 (or .gif without an MP4 encoder)
     python examples/radial.py --model tiny-wan22     # Wan 2.2 (two experts), also tiny-hunyuanvideo
@@ -22,14 +23,14 @@ or ``python examples/radial.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --device
 import torch
 
 import diffusion_attn as da
-from _common import call_kwargs, load, parser, save
+from _common import call_kwargs, finish, load, parser, save
 
 
 def main(argv=None):
     p = parser(__doc__.splitlines()[0], model="tiny-wan", output="outputs/radial")
     p.add_argument("--dense-steps", type=int, default=0, help="dense warm-up steps (official: 12 of 50; 0 here so the tiny run is sparse)")
     p.add_argument("--decay-factor", type=float, default=None, help="band width scale (default: per model)")
-    args = p.parse_args(argv)
+    args = finish(p.parse_args(argv))
 
     pipe = load(args.model, args.device)
     kwargs = call_kwargs(args.model, pipe, args.steps)

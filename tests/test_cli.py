@@ -258,6 +258,27 @@ def test_compare_api_reports_difference():
     assert json.dumps(cmp.summary())
 
 
+def test_compare_reports_ssim_and_the_scorers_verdict():
+    from skimage.metrics import structural_similarity
+
+    from diffusion_attn.compare import compare
+
+    cmp = compare("tiny-flux-random", "gna", {"window": (2, 3)}, prompt="a red circle at the top left", seed=1, steps=2)
+    dense = np.asarray(cmp.dense.frames[0], dtype=np.float64) / 255
+    method = np.asarray(cmp.method.frames[0], dtype=np.float64) / 255
+    expected = structural_similarity(dense, method, data_range=1.0, channel_axis=-1, win_size=7)
+    assert cmp.ssim == pytest.approx(expected) and cmp.ssim < 1
+    # random weights draw noise: the scorer finds no red circle in either output, and says so per output
+    assert set(cmp.scores) == {"dense", "method"}
+    for verdict in cmp.scores.values():
+        assert verdict["object_correct"] is False and verdict["missing"] == ["red circle"]
+    summary = cmp.summary()
+    assert summary["ssim"] == round(cmp.ssim, 4) and summary["scores"] == cmp.scores
+    # a prompt the world cannot draw: generated all the same, not scored, the unknown words reported
+    cmp = compare("tiny-flux-random", "gna", {"window": (2, 3)}, prompt="a pink star", seed=1, steps=2)
+    assert cmp.scores is None and cmp.meta["scorer_unparsed"] == ["pink", "star"]
+
+
 # ------------------------------------------------------------------------------------------------------
 # ui / export-comfy wiring (the modules are others'; here only the CLI's calls)
 # ------------------------------------------------------------------------------------------------------

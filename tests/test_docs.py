@@ -36,7 +36,7 @@ def test_readme_keeps_its_first_two_commands_and_documents_the_cli():
     text = README.read_text()
     first_block = text.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
     assert first_block[1] == ("pip install torch==2.13.0 && pip install -e . && diffusion-attn generate --method radial "
-                              "--model tiny-wan-random --num-frames 25 --dense-steps 0 --output outputs/radial")
+                              "--model tiny-wan --dense-steps 0 --output outputs/radial")
     assert first_block[3] == 'pip install -e ".[dev]" && python -m pytest'
     for command in build_parser()._subparsers._group_actions[0].choices:
         assert f"diffusion-attn {command}" in text, f"README does not show `diffusion-attn {command}`"

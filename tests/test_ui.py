@@ -287,12 +287,22 @@ def test_method_choice_shows_only_its_controls(demo):
 
 
 def test_model_choice_updates_defaults(demo):
-    info, height, width, frames, guidance = _fn(demo, "on_model").fn("tiny-sdxl", "", "hidiffusion")
+    from diffusion_attn.models.world import IMAGE_PROMPT
+    from diffusion_attn.ui import DEFAULT_PROMPT
+
+    on_model = _fn(demo, "on_model").fn
+    info, prompt, height, width, frames, guidance = on_model("tiny-sdxl", "", "hidiffusion", DEFAULT_PROMPT)
     assert height["placeholder"] == "256" and width["placeholder"] == "384" and frames["visible"] is False
-    info, *_, frames, _ = _fn(demo, "on_model").fn("tiny-wan-random", "", "radial")
+    info, *_, frames, _ = on_model("tiny-wan-random", "", "radial", DEFAULT_PROMPT)
     assert frames["visible"] is True and frames["placeholder"] == "9" and "decay_factor=0.2" in info
-    info, *_ = _fn(demo, "on_model").fn("tiny-wan22", "", "radial")
+    info, *_ = on_model("tiny-wan22", "", "radial", DEFAULT_PROMPT)
     assert "decay_factor=0.8" in info  # Wan 2.2's own defaults
+    # an untouched example prompt follows the model (a trained image model gets one it draws) ...
+    _, prompt, height, *_ = on_model("tiny-flux", "", "gna", DEFAULT_PROMPT)
+    assert prompt["value"] == IMAGE_PROMPT and height["placeholder"] == "64"
+    # ... a prompt the user wrote stays
+    _, prompt, *_ = on_model("tiny-flux", "", "gna", "a purple square on the right")
+    assert "value" not in prompt
 
 
 def test_generate_event_end_to_end(demo):
@@ -305,7 +315,8 @@ def test_generate_event_end_to_end(demo):
     assert video["visible"] is False and animation["visible"] is False
     assert isinstance(pattern, Image.Image) and info["method"] == "gna"
     # video: the file goes to the video player (MP4) or the animated image (GIF)
-    data = _data(fn, **{"da-steps": 2, "da-frames": "5", "da-radial-dense-steps": "0"})  # tiny-wan-random + radial
+    data = _data(fn, **{"da-model": "tiny-wan-random", "da-steps": 2, "da-frames": "5",
+                        "da-radial-dense-steps": "0"})  # + radial
     gallery, video, animation, pattern, note, info = fn.fn(data, Progress())
     assert len(gallery["value"]) == 5 and (video["visible"] or animation["visible"])
     assert info["params"]["dense_steps"] == 0 and "2x8x12" in note  # the pattern of the size generated
