@@ -12,7 +12,7 @@ What is measured (CPU, fp32, batch 1, everything seeded; rerunning the same comm
 
 * **Prompts.** Held-out captions of the shapes world: prompt ``i`` is the caption of
   ``generate_image(HELD_OUT_SEED + i, 64, 64)`` (image models) or ``generate_video(HELD_OUT_SEED + i, 64, 64,
-  num_frames=9)`` (video models), i.e. the training resolution and frame count (training uses the seeds below
+  num_frames=5)`` (video models), i.e. the training resolution and frame count (training uses the seeds below
   ``HELD_OUT_SEED``). Its object count (1-4) is kept for the per-count breakdown.
 * **Dense.** Per model, each prompt is generated once with stock attention: ``pipe(prompt=..., generator=
   torch.Generator().manual_seed(i), **default_call_kwargs(model))`` (``--steps`` overrides the step count); the
@@ -95,9 +95,9 @@ from diffusion_attn.training import HELD_OUT_SEED, TrainConfig  # noqa: E402
 
 #: the trained shapes-world models, measured by default
 TRAINED_MODELS = tuple(WORLD_MODELS)
-#: the prompts' resolution and frame count: those of training (TrainConfig's defaults)
-_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-PROMPT_SIZE, PROMPT_FRAMES = _TRAIN_DEFAULTS["resolution"], _TRAIN_DEFAULTS["num_frames"]
+#: the prompts' resolution and frame count: those tiny-wan is trained on (TrainConfig's defaults)
+_WAN_TRAINING = TrainConfig("tiny-wan")
+PROMPT_SIZE, PROMPT_FRAMES = _WAN_TRAINING.resolution, _WAN_TRAINING.num_frames
 #: methods measured at higher resolutions than the model's default (the paper's high-resolution claim)
 HIGHRES_METHODS = ("hidiffusion",)
 DEFAULT_PROMPTS, DEFAULT_TARGET_PROMPTS = 50, 100

@@ -80,7 +80,7 @@ def test_draws_what_a_simple_prompt_asks(name, pipes):
 
 @pytest.mark.parametrize("name, method, params", [
     ("tiny-flux", "gna", {"window": (8, 8)}),  # a window covering the 8 x 8 token grid: dense
-    ("tiny-wan", "gna", {"window": (3, 8, 8)}),
+    ("tiny-wan", "gna", {"window": (2, 8, 8)}),
 ])
 def test_full_window_reproduces_stock_attention(name, method, params, pipes):
     pipe = _pipe(pipes, name)

@@ -14,8 +14,8 @@ The architecture, fixed here so that training and loading agree:
 * **Video VAE** (tiny-wan): ``AutoencoderKLWan``, 3 levels, /4 space and /4 time (causal), 16 latent
   channels as the real Wan VAE; encoder width 12, decoder width 32 (Wan's decoder halves its channels at
   every upsampling, so with width 8 its full-resolution level had 4 channels under a per-voxel RMS norm, and
-  it returned colourless blobs: 0% of the shapes intact after 1000 steps). 9 frames x 64 x 64 px -> latent
-  16 x 3 x 16 x 16.
+  it returned colourless blobs: 0% of the shapes intact after 1000 steps). 5 frames x 64 x 64 px -> latent
+  16 x 2 x 16 x 16.
 * **Text encoders**: frozen, seeded random towers (tiny CLIP / T5 / UMT5, 2 layers, width 64) over word-level
   tokenizers that give each word of the shapes world one token (:data:`WORLD_WORDS`; other words fall back
   to characters). Frozen because a random 2-layer transformer over word tokens keeps every word and its
@@ -29,7 +29,9 @@ The architecture, fixed here so that training and loading agree:
   module HiDiffusion patches exists), channels (32, 64, 64, 64), 8 input channels (the image VAE's),
   epsilon prediction on SD 1.5's scaled-linear DDPM schedule. Self-attention grids 16 x 16, 8 x 8, 4 x 4.
 * **tiny-wan**: ``WanTransformer3DModel`` 4 layers, 4 heads x 24, patch 1 x 2 x 2, flow matching.
-  9 frames x 64 x 64 px -> 3 x 8 x 8 video tokens; cross-attention to 32 UMT5 tokens.
+  5 frames x 64 x 64 px -> 2 x 8 x 8 video tokens; cross-attention to 32 UMT5 tokens. (5 frames: the video
+  VAE was trained on 5-frame windows, the first frame alone plus one chunk of 4, for time; a second chunk of
+  4 frames, decoded with the first chunk's causal cache, it has not learnt.)
 
 Captions are dropped (replaced by ``""``) 10% of the time in training, so classifier-free guidance works.
 """
@@ -86,7 +88,7 @@ WORLD_MODELS: dict[str, WorldModel] = {
         WorldModel("tiny-sd15", "unet-sd15", "image", "epsilon",
                    dict(height=64, width=64, num_inference_steps=25, guidance_scale=5.0), IMAGE_PROMPT),
         WorldModel("tiny-wan", "wan", "video", "flow",
-                   dict(height=64, width=64, num_frames=9, num_inference_steps=20, guidance_scale=5.0,
+                   dict(height=64, width=64, num_frames=5, num_inference_steps=20, guidance_scale=5.0,
                         max_sequence_length=MAX_SEQUENCE_LENGTH), VIDEO_PROMPT),
     )
 }

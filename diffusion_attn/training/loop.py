@@ -3,7 +3,7 @@
 Targets (run in this order; a denoiser reads its VAE from ``<output-dir>/<vae target>/final``):
 
 * ``image-vae`` / ``video-vae`` -- reconstruction (L1 + MSE / 4, shape pixels weighted 10x, + a small KL
-  term) on shapes-world images / 9-frame clips; afterwards the latent statistics of the training pool are written into the VAE config
+  term) on shapes-world images / 5-frame windows of 9-frame clips; afterwards the latent statistics of the training pool are written into the VAE config
   (``scaling_factor``/``shift_factor`` for the image VAE, ``latents_mean``/``latents_std`` for the video VAE),
   as the real checkpoints carry theirs.
 * ``tiny-flux`` / ``tiny-wan`` -- rectified flow matching: ``x_t = (1 - s) x_0 + s e`` with
@@ -47,7 +47,7 @@ DEFAULTS: dict[str, dict] = {
     "video-vae": dict(steps=800, batch_size=4, lr=2e-3, data_size=1000),
     "tiny-flux": dict(steps=5000, batch_size=32, lr=5e-4, data_size=30000),
     "tiny-sd15": dict(steps=2000, batch_size=32, lr=5e-4, data_size=30000),
-    "tiny-wan": dict(steps=6000, batch_size=16, lr=5e-4, data_size=8000),
+    "tiny-wan": dict(steps=6000, batch_size=16, lr=5e-4, data_size=8000, num_frames=5),
 }
 
 
@@ -63,7 +63,7 @@ class TrainConfig:
     data_size: int | None = None
     seed: int = 0
     resolution: int = 64
-    num_frames: int = 9
+    num_frames: int | None = None  # frames of the pool's clips: 9 (video VAE), 5 (tiny-wan)
     clip_frames: int = 5  # video VAE: frames per training window (the pool's clips have num_frames)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -87,6 +87,8 @@ class TrainConfig:
         for key, value in DEFAULTS[self.target].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.num_frames is None:
+            self.num_frames = 9
         for key in ("steps", "batch_size", "data_size", "checkpoint_every"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -281,7 +283,8 @@ class _VAETask:
         x = _pixels(self.config, self.pool, index).to(device)
         if self.config.kind == "video" and self.config.clip_frames < x.shape[2]:
             # a random window of clip_frames (4k + 1) frames: the causal VAE codes the first frame alone and
-            # then chunks of 4, so a 5-frame window trains both roles at half the cost of 9 frames
+            # then chunks of 4 (5 frames: one of each; a later chunk, decoded with the cache of an earlier
+            # one, needs 9-frame windows to be learnt)
             start = int(torch.randint(x.shape[2] - self.config.clip_frames + 1, (), generator=gen))
             x = x[:, :, start:start + self.config.clip_frames].contiguous()
         posterior = model.encode(x).latent_dist
@@ -306,6 +309,8 @@ class _VAETask:
         zs = []
         for i in range(0, n, 32):
             x = _pixels(self.config, self.pool, torch.arange(i, min(i + 32, n)))
+            if self.config.kind == "video":
+                x = x[:, :, :self.config.clip_frames].contiguous()  # what it was trained on
             zs.append(model.encode(x).latent_dist.mean)
         z = torch.cat(zs)
         if self.config.kind == "image":
