@@ -414,6 +414,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=500, help="steps between checkpoints (default: 500)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR/TARGET/checkpoints")
     p.add_argument("--max-minutes", dest="max_minutes", type=float, help="stop (and export) after this many minutes")
+    p.add_argument("--stop-at-step", dest="stop_at_step", type=int,
+                   help="stop (checkpoint and export) at this step, keeping the learning-rate schedule of --steps")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"), default="no",
                    help="accelerate mixed precision (default: no)")
@@ -438,7 +440,8 @@ def cmd_train(args) -> int:
                            init_from=args.init_from if len(targets) == 1 else None,
                            decoder_only=args.decoder_only and len(targets) == 1,
                            cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                           max_minutes=args.max_minutes, mixed_precision=args.mixed_precision, progress=args.progress)
+                           max_minutes=args.max_minutes, stop_at_step=args.stop_at_step,
+                           mixed_precision=args.mixed_precision, progress=args.progress)
                for t in targets]  # all checked before any training starts
     for config in configs:
         final = train(config)
