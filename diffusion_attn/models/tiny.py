@@ -61,7 +61,8 @@ def _seeded(seed: int, component: int):
         yield
 
 
-def _clip_text_encoder(tokenizer, hidden_size: int = 32, projection_dim: int = 32, with_projection: bool = False):
+def _clip_text_encoder(tokenizer, hidden_size: int = 32, projection_dim: int = 32, with_projection: bool = False,
+                       num_heads: int = 2):
     """Tiny CLIP text tower (2 layers) matching :func:`tokenizer.clip_tokenizer` ids."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -71,7 +72,7 @@ def _clip_text_encoder(tokenizer, hidden_size: int = 32, projection_dim: int = 3
         intermediate_size=2 * hidden_size,
         projection_dim=projection_dim,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=num_heads,
         max_position_embeddings=tokenizer.model_max_length,
         hidden_act="quick_gelu",
         bos_token_id=tokenizer.bos_token_id,
@@ -82,7 +83,7 @@ def _clip_text_encoder(tokenizer, hidden_size: int = 32, projection_dim: int = 3
     return model_cls(config).eval()
 
 
-def _t5_text_encoder(tokenizer, d_model: int = 32, umt5: bool = False):
+def _t5_text_encoder(tokenizer, d_model: int = 32, umt5: bool = False, buckets: int = 8):
     """Tiny T5 (or UMT5, as Wan uses) encoder, 2 layers, matching :func:`tokenizer.t5_tokenizer` ids."""
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
@@ -94,7 +95,7 @@ def _t5_text_encoder(tokenizer, d_model: int = 32, umt5: bool = False):
         d_ff=2 * d_model,
         num_layers=2,
         num_heads=4,
-        relative_attention_num_buckets=8,
+        relative_attention_num_buckets=buckets,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,

@@ -135,27 +135,19 @@ def video_vae():
 
 
 def _clip(tokenizer, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from .tiny import _clip_text_encoder
 
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
-                            projection_dim=TEXT_WIDTH, num_hidden_layers=2, num_attention_heads=4,
-                            max_position_embeddings=tokenizer.model_max_length, hidden_act="quick_gelu",
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
     with _seeded(seed):
-        return CLIPTextModel(config).eval().requires_grad_(False)
+        model = _clip_text_encoder(tokenizer, hidden_size=TEXT_WIDTH, projection_dim=TEXT_WIDTH, num_heads=4)
+    return model.requires_grad_(False)
 
 
 def _t5(tokenizer, seed: int, umt5: bool = False):
-    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+    from .tiny import _t5_text_encoder
 
-    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
-    config = config_cls(vocab_size=len(tokenizer), d_model=TEXT_WIDTH, d_kv=TEXT_WIDTH // 4, d_ff=2 * TEXT_WIDTH,
-                        num_layers=2, num_heads=4, relative_attention_num_buckets=16,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        decoder_start_token_id=tokenizer.pad_token_id)
     with _seeded(seed):
-        return model_cls(config).eval().requires_grad_(False)
+        model = _t5_text_encoder(tokenizer, d_model=TEXT_WIDTH, umt5=umt5, buckets=16)
+    return model.requires_grad_(False)
 
 
 def build_untrained(name: str, vae=None, seed: int = 0):
