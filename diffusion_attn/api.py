@@ -11,6 +11,7 @@ from .adapters import FAMILIES, family_of
 from .context import RunContext, SchedulerWatch, attach_context, detach_context, find_context
 from .kernels import full_mask
 from .layout import TokenLayout
+from .parallel import check_model_parallel, parallel_of, sync_parallel
 from .placement import Placement
 from .processors.base import PatternProcessor
 from .processors.install import get_processors, set_processors
@@ -170,8 +171,9 @@ def apply(pipe_or_model, method, *, placement: Placement | None = None, **params
             what = f"{active.method!r}" if active is not None else "a diffusion_attn method"
             raise ValueError(f"{what} is already applied to this {type(m).__name__}; call remove() first")
     config = spec.make_config(params, _variant(pipe_or_model, families[0].name), family=families[0].name)
-    for m in models:
+    for m, fam in zip(models, families):
         config.check_model(m)
+        check_model_parallel(m, fam, spec.name, spec.context_parallel)  # enable_parallelism came first
     _check_backend_here(config)
     resolved = config.to_dict()
     context = RunContext(families[0].name)
@@ -186,11 +188,17 @@ def apply(pipe_or_model, method, *, placement: Placement | None = None, **params
         for m, fam in zip(models, families):
             attach_context(m, context, fam.read_call, watch)
             undo.append(lambda m=m: detach_context(m))
+            # runs after the processors are restored: a model made parallel after apply hands its config
+            # to the restored stock processors, as enable_parallelism would have
+            undo.append(lambda m=m: sync_parallel(m))
             undo.extend(spec.install(m, fam, context, config))
-            if placement is not None:  # the processors this apply installed act where the placement says
-                for proc in get_processors(m).values():
-                    if isinstance(proc, PatternProcessor) and proc.context is context:
+            for proc in get_processors(m).values():
+                if isinstance(proc, PatternProcessor) and proc.context is context:
+                    if placement is not None:  # the processors this apply installed act where the placement says
                         proc.placement = placement
+                    # a model made parallel before apply: its new processors take part (enable_parallelism
+                    # sets this on the processors it finds; after apply it finds these)
+                    proc._parallel_config = parallel_of(m)
     except BaseException:
         failed = _run_undo(undo)
         if failed:
@@ -244,12 +252,13 @@ def attach(model: torch.nn.Module) -> Handle:
             proc = copy.copy(proc)
         seen.add(id(proc))
         new[name] = proc.bind(context, family, index[name], name)
+        proc._parallel_config = parallel_of(model)
         found.append(proc.method)
     if not found:
         raise ValueError("no diffusion_attn processor is installed on this model; nothing to attach")
     set_processors(model, new)
     attach_context(model, context, family.read_call)
-    undo = [lambda: set_processors(model, original), lambda: detach_context(model)]
+    undo = [lambda: sync_parallel(model), lambda: set_processors(model, original), lambda: detach_context(model)]
     handle = Handle(found[0], {}, context, [model], undo)
     setattr(model, _HANDLE_ATTR, handle)
     return handle

@@ -175,11 +175,25 @@ def cmd_generate(args) -> int:
     params = _method_params(args)
     check_device(args.device)
     _check_output(args)
-    progress = _Progress(f"{args.method} on {args.model}", args.progress)
+    kwargs = _generation_kwargs(args)
+    model, main_process = args.model, True
+    if getattr(args, "context_parallel", None):
+        from .parallel import is_main_process, parallel_pipeline
+
+        model, kwargs["device"] = parallel_pipeline(args.model, args.context_parallel, args.cp_degree, dtype=args.dtype,
+                                                    device=args.device, ulysses_anything=args.ulysses_anything)
+        main_process = is_main_process()
+    progress = _Progress(f"{args.method} on {args.model}", args.progress and main_process)
     try:
-        result = generate(args.model, args.method, params, callback=progress, **_generation_kwargs(args))
+        result = generate(model, args.method, params, callback=progress, **kwargs)
     finally:
         progress.close()
+        if model is not args.model:
+            from .parallel import shutdown
+
+            shutdown()
+    if not main_process:  # every rank computed the same output; rank 0 writes it
+        return 0
     path = save(result, args.output)
     print(f"{result.method} on {args.model} ({result.family}): {result.seconds:.2f} s, "
           f"{result.seconds_per_step:.3f} s/step -> {path} (+ {path.with_suffix('.json').name})")
@@ -499,6 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or video (MP4 when imageio-ffmpeg or OpenCV is installed, else GIF) and a JSON sidecar.")
     _add_generation_args(gen, "outputs/result", "output path; .png for images, .mp4 or .gif for videos (suffix set by "
                                                 "what is written), plus a .json sidecar (default: outputs/result)")
+    cp = gen.add_argument_group("context parallelism (launch with torchrun --nproc-per-node N -m diffusion_attn generate ...)")
+    cp.add_argument("--context-parallel", dest="context_parallel", choices=("ulysses", "ring"), default=None,
+                    help="split the generation over the torchrun processes with diffusers' context parallelism: "
+                         "ulysses (ContextParallelConfig(ulysses_degree=N); every method) or ring (ring_degree=N; "
+                         "methods that declare it, see docs/parallel.md); rank 0 writes the output")
+    cp.add_argument("--cp-degree", dest="cp_degree", type=int, default=None, metavar="N",
+                    help="processes per generation (default: the torchrun world size)")
+    cp.add_argument("--ulysses-anything", dest="ulysses_anything", action="store_true",
+                    help="diffusers' ulysses_anything: head counts and lengths the degree does not divide")
     _add_method_flags(gen)
     gen.set_defaults(func=cmd_generate)
 

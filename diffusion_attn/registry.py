@@ -627,6 +627,13 @@ class MethodSpec:
     directly, and gets a generated config class. ``install(model, family, context, config) -> list of
     undo callables`` puts the method on one denoiser (``config`` is the resolved config, also readable
     as a mapping); ``grid_pattern(layout, **pattern params)`` returns its pattern for the mask views.
+
+    ``context_parallel``: the modes of diffusers' context parallelism the method runs under
+    (:mod:`diffusion_attn.parallel`): ``"ulysses"`` (every rank holds the whole sequence for its heads: any
+    pattern processor on a DiT, hence the default) and ``"ring"`` (the processor's pattern is evaluated per
+    query chunk / key chunk pair and merged by log-sum-exp: pattern methods without extension points that
+    need the whole sequence). ``()`` refuses context parallelism; families without a plan (UNets) refuse it
+    whatever the method says.
     """
 
     name: str
@@ -640,10 +647,16 @@ class MethodSpec:
     family_defaults: dict = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     config: type | None = None
+    context_parallel: tuple[str, ...] = ("ulysses",)
 
     def __post_init__(self):
         if self.install is None:
             raise TypeError(f"method {self.name!r} needs an install function")
+        modes = ("ulysses", "ring")
+        cp = self.context_parallel
+        if isinstance(cp, str) or not all(m in modes for m in cp) or len(set(cp)) != len(tuple(cp)):
+            raise TypeError(f"method {self.name!r}: context_parallel must be a tuple of distinct modes from {modes}, got {cp!r}")
+        object.__setattr__(self, "context_parallel", tuple(cp))
         if self.config is not None:
             if self.params or self.family_defaults:
                 raise TypeError(f"method {self.name!r}: params and family_defaults are derived from its config; "
@@ -692,6 +705,7 @@ class MethodSpec:
                 for p in self.params
             ],
             "family_defaults": self.family_defaults,
+            "context_parallel": list(self.context_parallel),
         }
 
 

@@ -29,6 +29,12 @@ class Family:
     layers: Callable
     run: Callable
     description: str = ""
+    #: the context-parallel plan (diffusers' ``_cp_plan`` format) for models whose diffusers class has
+    #: none; used by :func:`diffusion_attn.parallel.enable_context_parallel`
+    cp_plan: dict | None = None
+    #: ``(model, context_parallel_config) -> None``: registers the named hooks a plan cannot express (run by
+    #: :func:`diffusion_attn.parallel.enable_context_parallel` after ``enable_parallelism``)
+    cp_hooks: Callable | None = None
 
 
 #: layer kinds by the first component of a processor's module path (diffusers' names): dual-stream

@@ -62,5 +62,72 @@ def _run(proc, attn, hidden_states, encoder_hidden_states=None, attention_mask=N
     return img, txt
 
 
+def _cp_plan() -> dict:
+    """Context-parallel plan (diffusers 0.42 has none for HunyuanVideo): the RoPE tables and, at the first
+    dual-stream block, the video and the (refined) text streams are split over the ranks, so each rank's
+    joint sequence is ``[video_r, text_r]``; the output is gathered after ``proj_out``. The text refiner
+    runs before the split on every rank (its processors take no parallel config). The text-padding mask,
+    which the model hands every block whole, is cut to the rank's ``[video_r, text_r]`` by
+    :func:`_cp_hooks` (registered by ``diffusion_attn.parallel.enable_context_parallel``), so stock
+    processors and the pack's see a local key mask, which diffusers' Ulysses template gathers."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    return {
+        "rope": {0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+                 1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)},
+        "transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),
+                                 "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+#: name of the hook that cuts the text-padding mask to a rank's tokens
+CP_MASK_HOOK = "diffusion_attn.cp_text_mask"
+
+
+def _cp_hooks(model, cp) -> None:
+    """Register, on every dual- and single-stream block, a named diffusers hook that cuts the
+    whole-sequence text-padding mask ``(B, 1, 1, video + text)`` to this rank's ``[video_r, text_r]``
+    keys (``tensor_split`` chunks, as diffusers' sharders cut)."""
+    import torch.distributed as dist
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.models._modeling_parallel import gather_size_by_comm
+
+    mesh = cp._flattened_mesh
+    group, world = mesh.get_group(), mesh.size()
+    rank = dist.get_rank(group)
+    anything = cp.ulysses_anything or cp.ring_anything
+
+    class _TextMaskShard(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            args = list(args)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            text = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+            in_args = len(args) > 3
+            mask = args[3] if in_args else kwargs.get("attention_mask")
+            if mask is None or text is None or mask.ndim != 4:
+                return tuple(args), kwargs
+            n_video, n_text = hidden.shape[1], text.shape[1]
+            if n_video + n_text != mask.shape[-1]:  # after the split: this rank's share of each stream
+                if anything:
+                    n_video, n_text = sum(gather_size_by_comm(n_video, group)), sum(gather_size_by_comm(n_text, group))
+                else:
+                    n_video, n_text = n_video * world, n_text * world
+                if n_video + n_text != mask.shape[-1]:
+                    return tuple(args), kwargs  # already a local mask
+            keep = torch.cat([torch.arange(n_video).tensor_split(world)[rank],
+                              n_video + torch.arange(n_text).tensor_split(world)[rank]]).to(mask.device)
+            mask = mask[..., keep]
+            if in_args:
+                args[3] = mask
+            else:
+                kwargs["attention_mask"] = mask
+            return tuple(args), kwargs
+
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_TextMaskShard(), CP_MASK_HOOK)
+
+
 HUNYUAN = Family("hunyuanvideo", ("HunyuanVideoTransformer3DModel",), _read_call, _layers, _run,
-                 "HunyuanVideo T2V: dual and single stream blocks, video first")
+                 "HunyuanVideo T2V: dual and single stream blocks, video first", cp_plan=_cp_plan(),
+                 cp_hooks=_cp_hooks)

@@ -53,7 +53,12 @@ class PatternProcessor:
     """Base class; subclasses implement :meth:`pattern` and declare ``method``."""
 
     _attention_backend = None
+    #: set by diffusers' ``enable_parallelism`` (or by ``apply`` on a model that already is parallel):
+    #: under context parallelism :meth:`core` runs through :func:`diffusion_attn.parallel.parallel_core`
     _parallel_config = None
+    #: while a context-parallel op runs :meth:`local_core`: what this rank holds
+    #: (:class:`diffusion_attn.parallel.Shard`: its global heads); None otherwise
+    _cp_shard = None
     method = "base"
     #: names of the call-time inputs this processor reads from ``self.context.call_kwargs`` (the denoiser
     #: call's ``cross_attention_kwargs`` / ``joint_attention_kwargs`` / ``attention_kwargs``); any other key
@@ -144,10 +149,27 @@ class PatternProcessor:
     def dense(self, q, k, v, attention_mask):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+        # inside a context-parallel op the tensors already hold the whole sequence: no second exchange
+        parallel = self._parallel_config if self._cp_shard is None else None
         return dispatch_attention_fn(
             q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
+            backend=self._attention_backend, parallel_config=parallel,
         )
+
+    def global_heads(self, num_heads: int, device=None) -> torch.Tensor:
+        """The model's indices of the ``num_heads`` heads of this call: ``0..num_heads-1`` on one device,
+        this rank's slice of the model's heads under Ulysses context parallelism. Per-head data of a
+        method (head lists, per-head weights) is indexed with these."""
+        offset = 0 if self._cp_shard is None else self._cp_shard.head_offset
+        return torch.arange(offset, offset + num_heads, device=device)
+
+    def _head_mask(self, num_heads: int, device):
+        """``placement.head_mask`` for this call's heads (global indices under context parallelism)."""
+        shard = self._cp_shard
+        if shard is None or shard.heads_total == num_heads:
+            return self.placement.head_mask(num_heads, device)
+        mask = self.placement.head_mask(shard.heads_total, device)
+        return None if mask is None else mask[shard.head_offset:shard.head_offset + num_heads]
 
     # -- extension points (diffusion_attn.extensions): the defaults do nothing ------------------------
     def reduce(self, q, k, v, layout: TokenLayout):
@@ -174,10 +196,22 @@ class PatternProcessor:
     # -- the core ----------------------------------------------------------------------------------
     def core(self, q, k, v, layout: TokenLayout, attention_mask=None) -> torch.Tensor:
         """Attention core on (B, S, heads, head_dim) tensors laid out as ``layout``: the placement decides
-        dense or not; then the extension points, around the pattern core."""
+        dense or not; then the extension points, around the pattern core. Under diffusers' context
+        parallelism (``enable_parallelism``) the rank's local tensors go through
+        :func:`diffusion_attn.parallel.parallel_core`, which runs :meth:`local_core` on whole sequences."""
+        if self._parallel_config is not None and self._cp_shard is None:
+            from ..parallel import cp_config, parallel_core
+
+            if cp_config(self._parallel_config) is not None:
+                return parallel_core(self, q, k, v, layout, attention_mask)
+        return self.local_core(q, k, v, layout, attention_mask)
+
+    def local_core(self, q, k, v, layout: TokenLayout, attention_mask=None) -> torch.Tensor:
+        """:meth:`core` on tensors that hold the whole sequence of ``layout`` (one device, or one Ulysses
+        rank's heads)."""
         if self.is_dense_now():
             return self.dense(q, k, v, attention_mask)
-        heads = self.placement.head_mask(q.shape[2], q.device)
+        heads = self._head_mask(q.shape[2], q.device)
         if heads is None or bool(heads.all()):
             return self._branched_core(q, k, v, layout, attention_mask)
         # head selection: the method on the placement's heads, the model's own attention on the others
@@ -234,6 +268,7 @@ class PatternProcessor:
         dynamic = self.call_pattern(q, k, layout)
         key = self.pattern_key(layout) if dynamic is None else None
         pattern = self.current_pattern(layout) if dynamic is None else dynamic
+        pattern, key = self._sharded(pattern, key)
         if pattern is None or pattern.is_full():
             return self.dense(q, k, v, attention_mask)
         kpm = key_padding_from_mask(attention_mask, q.shape[0], q.shape[1])
@@ -241,6 +276,16 @@ class PatternProcessor:
             return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=self.backend)
         return prepared_attention(q, k, v, pattern, layout, cached=self.context.cached, key=key,
                                   key_padding_mask=kpm, backend=self.backend)
+
+    def _sharded(self, pattern, key):
+        """A head-dependent pattern on a Ulysses rank reads global head indices (its cache key says so)."""
+        shard = self._cp_shard
+        if pattern is None or shard is None or not shard.head_offset or \
+                "head_dependent" not in getattr(pattern, "capabilities", ()):
+            return pattern, key
+        from ..parallel import shift_heads
+
+        return shift_heads(pattern, shard.head_offset), (None if key is None else (key, "heads+", shard.head_offset))
 
     def call_pattern(self, q, k, layout: TokenLayout):
         """A dynamic pattern chosen from this call's ``q`` and ``k`` (e.g. top-k key blocks per query
@@ -254,7 +299,7 @@ class PatternProcessor:
         from ..extensions import attention_with_lse
         from ..patterns import sequence_mask
 
-        pattern = self.call_pattern(q, k, layout) or self.current_pattern(layout)
+        pattern, _ = self._sharded(self.call_pattern(q, k, layout) or self.current_pattern(layout), None)
         mask = None
         if pattern is not None and not pattern.is_full():  # grid patterns with dense text, or any predicate
             mask = sequence_mask(pattern, layout, batch=q.shape[0], heads=q.shape[2], device=q.device)

@@ -118,6 +118,7 @@ SPEC = register(MethodSpec(
     kind="training-free efficiency",
     config=GNAConfig,
     install=_install,
+    context_parallel=("ulysses", "ring"),
     grid_pattern=gna_grid_pattern,
     aliases=("neighborhood",),
 ))

@@ -80,5 +80,6 @@ SPEC = register(MethodSpec(
     kind="training-free efficiency",
     config=RadialConfig,
     install=_install,
+    context_parallel=("ulysses", "ring"),
     grid_pattern=radial_grid_pattern,
 ))
