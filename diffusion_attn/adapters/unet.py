@@ -2,7 +2,10 @@
 
 Processors see ``(B, H*W, C)`` with no H/W; the context hook records the latent size and each level
 derives its grid as HiDiffusion does: ``r = round(sqrt(latent_H * latent_W / N))``,
-``grid = (ceil(latent_H / r), ceil(latent_W / r))``.
+``grid = (ceil(latent_H / r), ceil(latent_W / r))``; where that does not hold the token count (deep levels of
+odd latents), the level whose grid is the latent ceil-halved ``k`` times (:func:`unet_level`). A processor
+with ``merged_tokens = True`` (ToMe / AgentSD, whose ``attn1`` input is a merged token set) gets a 1-D layout
+of its token count instead.
 """
 
 from __future__ import annotations
@@ -32,13 +35,33 @@ def _layers(model):
     return [(n, i) for i, n in enumerate(names)]
 
 
+def unet_level(latent_size: tuple[int, int], tokens: int) -> tuple[int, tuple[int, int]]:
+    """``(factor, grid)`` of the UNet level with ``tokens`` tokens: the level downsampled ``factor`` (1, 2, 4,
+    ...) times, whose grid is the latent size ceil-halved that often (what stride-2 convs with padding 1
+    give: ``ceil(H / factor) x ceil(W / factor)``). A ValueError when no level holds ``tokens`` tokens."""
+    h, w = (int(s) for s in latent_size)
+    factor = 1
+    while True:
+        grid = (math.ceil(h / factor), math.ceil(w / factor))
+        if grid[0] * grid[1] == tokens:
+            return factor, grid
+        if grid[0] * grid[1] < tokens or grid == (1, 1):
+            raise ValueError(f"no UNet level of latent size {latent_size} holds {tokens} tokens")
+        factor *= 2
+
+
 def level_grid(latent_size: tuple[int, int], tokens: int) -> tuple[int, int]:
-    """Grid of a UNet level with ``tokens`` tokens, given the latent size (HiDiffusion's rule)."""
+    """Grid of a UNet level with ``tokens`` tokens, given the latent size (HiDiffusion's rule; where it
+    does not fit the token count, e.g. deep levels of odd latents, the ceil-halved level of
+    :func:`unet_level`)."""
     h, w = latent_size
     r = max(1, round(math.sqrt(h * w / tokens)))
     grid = (math.ceil(h / r), math.ceil(w / r))
     if grid[0] * grid[1] != tokens:
-        raise ValueError(f"cannot infer the feature grid of {tokens} tokens from latent size {latent_size}")
+        try:
+            return unet_level(latent_size, tokens)[1]
+        except ValueError:
+            raise ValueError(f"cannot infer the feature grid of {tokens} tokens from latent size {latent_size}") from None
     return grid
 
 
@@ -64,7 +87,10 @@ def _run(proc, attn, hidden_states, encoder_hidden_states=None, attention_mask=N
         q = attn.norm_q(q)
     if attn.norm_k is not None:
         k = attn.norm_k(k)
-    grid = level_grid(proc.context.latent_size, n) if input_ndim == 3 else (h, w)
+    if getattr(proc, "merged_tokens", False):  # token-merged input (ToMe / AgentSD): a set, not a grid
+        grid = (n,)
+    else:
+        grid = level_grid(proc.context.latent_size, n) if input_ndim == 3 else (h, w)
     out = proc.core(q, k, v, TokenLayout(grid, 0), attention_mask)
     out = out.reshape(b, -1, attn.heads * head_dim).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
