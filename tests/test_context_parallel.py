@@ -43,6 +43,9 @@ SCENARIOS = {
     "hunyuan-radial-ulysses": ("tiny-hunyuanvideo", "radial", dict(decay_factor=0.3, **Z), "ulysses", "bare-enable", None),
     # the stock processors too: the text-padding mask is cut per rank by the family's hook
     "hunyuan-stock-ulysses-removed": ("tiny-hunyuanvideo", "gna", dict(window=(3, 5, 5), **Z), "ulysses", "apply-remove", None),
+    # dual path (window + full branch in the batch), cross-attention override, cache mode: per rank
+    "wan-freeswim-ulysses": ("tiny-wan-random", "freeswim", dict(native_height=32, native_width=32, mode="cache", cache_steps=2),
+                             "ulysses", "enable-first", None),
     "hunyuan-radial-ring": ("tiny-hunyuanvideo", "radial", dict(decay_factor=0.3, **Z), "ring", "apply-first", None),
 }
 

@@ -149,12 +149,17 @@ class PatternProcessor:
     def dense(self, q, k, v, attention_mask):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        # inside a context-parallel op the tensors already hold the whole sequence: no second exchange
-        parallel = self._parallel_config if self._cp_shard is None else None
         return dispatch_attention_fn(
             q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=parallel,
+            backend=self._attention_backend, parallel_config=self.dispatch_parallel_config,
         )
+
+    @property
+    def dispatch_parallel_config(self):
+        """The ``parallel_config`` for a ``dispatch_attention_fn`` call made by this processor: the model's,
+        except inside a context-parallel op, whose tensors already hold the whole sequence (no second
+        exchange)."""
+        return self._parallel_config if self._cp_shard is None else None
 
     def global_heads(self, num_heads: int, device=None) -> torch.Tensor:
         """The model's indices of the ``num_heads`` heads of this call: ``0..num_heads-1`` on one device,
