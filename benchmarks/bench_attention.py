@@ -15,7 +15,9 @@ Per case (method x shape) it reports:
   (gather) or its BlockMask (flex), what the processors cache in the run context;
 * dense / sparse: median wall time of dense SDPA (``diffusion_attn.kernels.sdpa``, what the stock
   processor runs) and of ``pattern_attention(..., backend=<case backend>, schedule= / block_mask=...)``
-  on the same q, k, v. Backends: ``gather`` (tiled gather + SDPA), for GNA also ``strips`` (keys gathered
+  on the same q, k, v. Backends: ``gather`` (tiled gather + SDPA), for sliding GNA ``sliding`` (exact key-side
+  splits merged by log-sum-exp: what ``auto`` picks for windows sliding on two axes or more on CPU; see
+  ``benchmarks/bench_sliding.py``), for GNA also ``strips`` (keys gathered
   once per column and sliced per tile; what ``auto`` picks for box patterns on CPU) and, for radial,
   ``flex`` (compiled FlexAttention; its first call compiles, reported as "first call s" and excluded from
   the medians).
@@ -64,7 +66,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from diffusion_attn import TokenLayout  # noqa: E402
-from diffusion_attn.kernels import build_schedule, pattern_attention, sdpa, strip_plan  # noqa: E402
+from diffusion_attn.kernels import build_schedule, pattern_attention, sdpa, sliding_plan, strip_plan  # noqa: E402
 from diffusion_attn.kernels.flex import FLEX_BLOCK, block_occupancy, flex_block_mask  # noqa: E402
 from diffusion_attn.kernels.simulate import predicted_speedup  # noqa: E402
 from diffusion_attn.patterns import neighborhood_pattern, radial_pattern, shifted_window_pattern  # noqa: E402
@@ -91,7 +93,7 @@ class Case:
     head_dim: int
     text_len: int = 0
     text_position: str = "last"
-    backend: str = "gather"  # gather | strips | flex
+    backend: str = "gather"  # gather | strips | sliding | flex
 
     @property
     def layout(self) -> TokenLayout:
@@ -117,6 +119,8 @@ def wan_cases(grid, heads, tag, window, strided_stride) -> list[Case]:
         Case(f"radial-wan-{tag}-flex", "radial", t, grid, "decay 0.2, sink (Wan defaults)", _radial(0.2, True), heads, 12, 128,
              backend="flex"),
         *with_strips(Case(f"gna-sliding-wan-{tag}", "gna", t, grid, f"window {window}, stride 1", _gna(window, 1), heads, 12, 128)),
+        Case(f"gna-sliding-wan-{tag}-sliding", "gna", t, grid, f"window {window}, stride 1", _gna(window, 1), heads, 12, 128,
+             backend="sliding"),
         *with_strips(Case(f"gna-strided-wan-{tag}", "gna", t, grid, f"window {window}, stride {strided_stride}",
                           _gna(window, strided_stride), heads, 12, 128)),
         Case(f"gna-blocked-wan-{tag}", "gna", t, grid, f"window = stride = {window}", _gna(window, window), heads, 12, 128),
@@ -180,6 +184,8 @@ def quick_cases() -> list[Case]:
         Case("radial-quick-flex", "radial", "video (quick)", (4, 16, 32), "decay 0.2, sink", _radial(0.2, True), 2, 2, 64,
              backend="flex"),
         Case("gna-sliding-quick", "gna", "video (quick)", (4, 16, 32), "window (3, 7, 11), stride 1", _gna((3, 7, 11)), 2, 2, 64),
+        Case("gna-sliding-quick-sliding", "gna", "video (quick)", (4, 16, 32), "window (3, 7, 11), stride 1", _gna((3, 7, 11)),
+             2, 2, 64, backend="sliding"),
         *with_strips(Case("gna-strided-quick", "gna", "video (quick)", (4, 16, 32), "window (3, 8, 8), stride (1, 4, 4)",
                           _gna((3, 8, 8), (1, 4, 4)), 2, 2, 64)),
         Case("gna-blocked-quick", "gna", "video (quick)", (4, 16, 32), "window = stride = (2, 8, 8)", _gna((2, 8, 8), (2, 8, 8)), 2, 2, 64),
@@ -212,6 +218,8 @@ def build(case: Case):
         prepared = flex_block_mask(pattern, case.layout, occupancy=block_occupancy(pattern, case.layout))
     elif case.backend == "strips":
         prepared = strip_plan(pattern)
+    elif case.backend == "sliding":
+        prepared = sliding_plan(pattern)
     else:
         prepared = build_schedule(pattern)
     return pattern, prepared, time.perf_counter() - t0
@@ -236,6 +244,8 @@ def runners(case: Case, pattern, prepared, q, k, v):
         sparse = lambda: pattern_attention(q, k, v, pattern, layout, backend="flex", block_mask=prepared)  # noqa: E731
     elif case.backend == "strips":
         sparse = lambda: pattern_attention(q, k, v, pattern, layout, backend="strips", strips=prepared)  # noqa: E731
+    elif case.backend == "sliding":
+        sparse = lambda: pattern_attention(q, k, v, pattern, layout, backend="sliding", sliding=prepared)  # noqa: E731
     else:
         sparse = lambda: pattern_attention(q, k, v, pattern, layout, backend="gather", schedule=prepared)  # noqa: E731
     return dense, sparse

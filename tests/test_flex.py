@@ -58,7 +58,7 @@ def test_auto_backend_choice(monkeypatch):
     gna = neighborhood_pattern(big, (3, 9, 9))
     monkeypatch.setattr("diffusion_attn.kernels.flex.flex_available", lambda device_type="cpu": True)
     assert choose_backend(radial, TokenLayout(big)) == "flex"
-    assert choose_backend(gna, TokenLayout(big)) == "strips"  # box patterns: column strips (measured faster)
+    assert choose_backend(gna, TokenLayout(big)) == "sliding"  # sliding box patterns on CPU (measured faster)
     assert choose_backend(radial_pattern((3, 8, 8), 0.2, True), TokenLayout((3, 8, 8))) == "reference"
     monkeypatch.setattr("diffusion_attn.kernels.flex.flex_available", lambda device_type="cpu": False)
     assert choose_backend(radial, TokenLayout(big)) == "gather"

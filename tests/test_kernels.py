@@ -234,7 +234,9 @@ def test_auto_rule_for_todays_patterns(monkeypatch):
         (shifted_window_pattern((9, 7), 2), TokenLayout((9, 7)), "windows"),
         (neighborhood_pattern((4, 6, 8), 3), TokenLayout((4, 6, 8), 7), "reference"),
         (radial_pattern((3, 8, 8), 0.2, True), TokenLayout((3, 8, 8)), "reference"),
-        (neighborhood_pattern(big3, (3, 9, 9)), TokenLayout(big3), "strips"),
+        (neighborhood_pattern(big3, (3, 9, 9)), TokenLayout(big3), "sliding"),  # sliding axes
+        (neighborhood_pattern(big3, (3, 9, 9), (1, 9, 9)), TokenLayout(big3), "sliding"),  # on 1 axis
+        (neighborhood_pattern(big3, (3, 9, 9), (3, 3, 3)), TokenLayout(big3), "strips"),  # strided everywhere
         (radial_pattern(big3, 0.2, True), TokenLayout(big3), "gather"),  # no flex here
     ]
     for pattern, layout, want in cases:
@@ -251,7 +253,7 @@ def test_auto_skips_backends_without_backward(monkeypatch):
 
     no_backward = tuple(dataclasses.replace(b, autograd=False) if b.name == "strips" else b for b in registry.REGISTRY)
     monkeypatch.setattr(registry, "REGISTRY", no_backward)
-    pattern, layout = neighborhood_pattern((6, 30, 26), (3, 15, 13), (1, 5, 13)), TokenLayout((6, 30, 26), 8)
+    pattern, layout = neighborhood_pattern((6, 30, 26), (3, 15, 13), (3, 5, 13)), TokenLayout((6, 30, 26), 8)
     q, k, v = qkv(layout, batch=1, heads=1, dim=8)
     assert registry.resolve(Request.make(pattern, layout, q=q, k=k, v=v)).name == "strips"
     q.requires_grad_()

@@ -78,10 +78,12 @@ def test_exact_plan_for_stride_aligned_windows():
 
 
 def test_auto_choice_and_caching():
-    strided = neighborhood_pattern((6, 30, 26), (3, 15, 13), (1, 5, 13))
-    sliding = neighborhood_pattern((6, 30, 26), (3, 15, 13), 1)
+    strided = neighborhood_pattern((6, 30, 26), (3, 15, 13), (3, 5, 13))  # strided on every axis
+    sliding = neighborhood_pattern((6, 30, 26), (3, 15, 13), (1, 5, 13))  # stride 1 in time
     layout = TokenLayout((6, 30, 26), 8, "first")  # 4,688 tokens: past the dense-mask size
-    assert kernels.choose_backend(strided, layout) == kernels.choose_backend(sliding, layout) == "strips"
+    assert kernels.choose_backend(strided, layout) == "strips"
+    assert kernels.choose_backend(sliding, layout) == "sliding"  # a sliding axis: tests/test_sliding.py
+    assert kernels.choose_backend(sliding, layout, "strips") == "strips"
     blocked = neighborhood_pattern((6, 30, 26), (3, 15, 13), (3, 15, 13))
     assert kernels.choose_backend(blocked, layout) == "windows"  # a partition: reshaped windows
     assert kernels.choose_backend(strided, TokenLayout((2, 10, 26)), "auto") == "reference"  # small

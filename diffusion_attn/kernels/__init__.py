@@ -29,6 +29,7 @@ from .schedule import (
     mask_fn_on,
     outer_combine,
 )
+from .sliding import SlidingPlan, sliding_attention, sliding_plan
 from .strips import StripPlan, strip_attention, strip_plan
 from .tiling import build_schedule, choose_tiles
 from .triton_sparse import build_triton_layout, triton_available, triton_pattern_attention
@@ -64,6 +65,9 @@ __all__ = [
     "pattern_attention",
     "prepared_attention",
     "sdpa",
+    "SlidingPlan",
+    "sliding_attention",
+    "sliding_plan",
     "strip_attention",
     "strip_plan",
     "triton_available",
@@ -95,6 +99,7 @@ def pattern_attention(
     triton_layout=None,
     window_plan: WindowPlan | None = None,
     strips: StripPlan | None = None,
+    sliding: SlidingPlan | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence laid out as ``layout`` (grid + text), restricted by ``pattern``.
@@ -103,7 +108,7 @@ def pattern_attention(
     Text queries attend to every key, grid queries to their pattern's grid keys and to every text key
     (patterns defined on the whole sequence decide text rows themselves). ``key_padding_mask`` (B, S)
     bool, True = real token; only text tokens may be padded. ``schedule`` (gather), ``block_mask``
-    (flex), ``triton_layout``, ``window_plan`` (windows / xformers) and ``strips``: that backend's
+    (flex), ``triton_layout``, ``window_plan`` (windows / xformers), ``strips`` and ``sliding``: that backend's
     prebuilt artefact for this pattern, layout and device, used as given; otherwise it is built here
     (see :func:`prepared_attention` for the cached form).
     """
@@ -113,7 +118,7 @@ def pattern_attention(
     pattern = resolve_dynamic(pattern, q, k, layout)
     request = Request.make(pattern, layout, q=q, k=k, v=v)
     chosen = resolve(request, backend)
-    given = {"gather": schedule, "strips": strips, "windows": window_plan, "xformers": window_plan,
+    given = {"gather": schedule, "strips": strips, "sliding": sliding, "windows": window_plan, "xformers": window_plan,
              "triton": triton_layout,
              "flex": None if block_mask is None else FlexPrepared(None, block_mask, as_given=True)}.get(chosen.name)
     return chosen.run(q, k, v, request, given, kpm, scale)  # None: the backend builds what it needs

@@ -15,9 +15,12 @@ environment, dtype, head sizes, ``Dv != D``, autograd). In order:
 4. ``flex``: block patterns from :data:`~.flex.FLEX_MIN_TOKENS` (8,192) tokens, and generic patterns
    (neither box nor block: a ``mask_mod`` or a dense mask only) past 2,048, where compiled FlexAttention
    runs;
-5. ``strips``: box patterns on CPU;
-6. ``gather``: box and block patterns;
-7. ``chunked``: anything else (the reference by chunks of query rows).
+5. ``sliding``: box patterns on CPU with a sliding axis (stride 1 inside the borders), where it was
+   measured 1.15-2.5x faster than ``strips`` (issue 11, ``benchmarks/results/sliding.md``); no backward,
+   so autograd goes on to ``strips``;
+6. ``strips``: box patterns on CPU (windows strided or blocked on every axis);
+7. ``gather``: box and block patterns;
+8. ``chunked``: anything else (the reference by chunks of query rows).
 
 ``triton``, ``natten`` and ``xformers`` are opt-in (``backend=`` by name). A pattern that allows every
 pair always runs ``dense``, whatever backend was named.
@@ -25,7 +28,7 @@ pair always runs ``dense``, whatever backend was named.
 
 from __future__ import annotations
 
-from . import chunked, dense, flex, gather, natten_adapter, reference, strips, triton_sparse, windows, xformers_adapter
+from . import chunked, dense, flex, gather, natten_adapter, reference, sliding, strips, triton_sparse, windows, xformers_adapter
 from .backend import Backend, Request
 from .capabilities import CAPABILITIES
 
@@ -37,6 +40,7 @@ REGISTRY: tuple[Backend, ...] = (
     windows.BACKEND,
     reference.BACKEND,
     flex.BACKEND,
+    sliding.BACKEND,
     strips.BACKEND,
     gather.BACKEND,
     chunked.BACKEND,

@@ -54,7 +54,7 @@ import torch
 from ..layout import TokenLayout
 from ..patterns.base import BlockPattern, BoxPattern
 
-__all__ = ["SimulationResult", "simulate", "predicted_speedup", "parse_tile", "MAX_TILE_PAIRS"]
+__all__ = ["SimulationResult", "simulate", "predicted_speedup", "plan_speedup", "parse_tile", "MAX_TILE_PAIRS"]
 
 #: tile-pair enumeration limit (the separable box / tiled case has none)
 MAX_TILE_PAIRS = 1 << 27
@@ -527,3 +527,25 @@ def predicted_speedup(pattern, layout: TokenLayout, backend: str) -> SimulationR
             return simulate(pattern, layout, q_tile=pattern.block_size, kv_tile=pattern.block_size)
         raise TypeError(f"no gather tiling for a {type(pattern).__name__}")
     raise ValueError(f"no tile model for backend {backend!r}; accepted: flex, gather")
+
+
+def plan_speedup(pattern, layout: TokenLayout, backend: str) -> float:
+    """The tile-level bound of the kernels that do not visit a fixed grid of tiles: S^2 over the (query,
+    key) pairs their plan computes for ``pattern`` on ``layout`` (text rows and columns dense).
+
+    * ``"strips"``: :func:`~diffusion_attn.kernels.strip_plan` (each query's tile holds the union of its
+      tile's windows, runs of the slide axis exact);
+    * ``"sliding"``: :func:`~diffusion_attn.kernels.sliding_plan` (windows split into pieces along the slide
+      axis: only the corners of each key chunk are masked).
+    """
+    from .sliding import sliding_plan
+    from .strips import strip_plan
+
+    plans = {"strips": strip_plan, "sliding": sliding_plan}
+    if backend not in plans:
+        raise ValueError(f"no plan model for backend {backend!r}; accepted: {', '.join(plans)}")
+    if not isinstance(pattern, BoxPattern):
+        raise TypeError(f"the {backend} kernel runs box patterns, got {type(pattern).__name__}")
+    if tuple(pattern.grid) != tuple(layout.grid):
+        raise ValueError(f"the pattern's grid {'x'.join(map(str, pattern.grid))} does not match the layout {layout.describe()}")
+    return plans[backend](pattern).predicted_speedup(layout.text_len)
