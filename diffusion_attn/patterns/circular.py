@@ -8,22 +8,33 @@ queries see everything. The grid part is :class:`CircularWindow`; the whole rule
 
 This is the proof that a new mask shape is a pattern file and nothing else: it is neither a box nor a
 block pattern, so its only capability is the predicate (kernels run it through ``mask_mod`` / the dense
-reference). It is not a registered method (CLEAR needs distilled weights).
+reference). The registered method is ``clear`` (:mod:`diffusion_attn.processors.clear`).
+
+CLEAR's down-sampled variant adds ``(H/f)(W/f)`` pooled keys after the sequence (a key-side segment
+``"pooled"``): image queries see them, text queries do not. :func:`clear_pattern` is that whole rule on a
+layout with such a segment (``sequence_mask(clear_pattern(...), layout)``; the method's mask views,
+``attention_mask`` / ``diffusion-attn mask`` / ``simulate``, show the local part over grid + text); the
+processor itself merges the pooled keys by log-sum-exp (:mod:`diffusion_attn.extensions`), so its kernels
+only ever see :class:`CircularWindow`.
+
+"Larger than the grid": :func:`covering_radius` is the smallest integer radius whose circle around every
+query covers the whole grid (``isqrt(sum((g - 1)**2)) + 1``); :func:`check_radius` refuses radii above it.
 
 Generalisation: 1-, 2- or 3-D grids, distance summed over every axis (3-D: a sphere).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Sequence
 
 import torch
 
 from ..layout import TokenLayout
-from .mask_mod import MaskMod, text_dense
+from .mask_mod import MaskMod, grid_mask, in_segment, text_dense
 
-__all__ = ["CircularWindow", "circular_pattern"]
+__all__ = ["CircularWindow", "circular_pattern", "clear_pattern", "check_radius", "covering_radius", "pooled_grid"]
 
 
 class CircularWindow:
@@ -78,7 +89,14 @@ class CircularWindow:
         return self.allowed(i[:, None], i[None, :])
 
     def allowed_pairs(self) -> int:
-        return int(self.dense_mask().sum())
+        """Allowed (query, key) grid pairs, counted per offset ``d`` inside the circle (each offset is
+        allowed for ``prod_a (L_a - |d_a|)`` queries): no N x N mask, so large grids are cheap."""
+        reach = [min(L - 1, math.ceil(self.radius)) for L in self.grid]
+        total = 0
+        for d in itertools.product(*(range(-m, m + 1) for m in reach)):
+            if sum(x * x for x in d) < self._r2:
+                total += math.prod(L - abs(x) for L, x in zip(self.grid, d))
+        return total
 
     @property
     def density(self) -> float:
@@ -96,3 +114,39 @@ def circular_pattern(grid: Sequence[int], radius: float, layout: TokenLayout | N
     """CLEAR's rule on a call's sequence: ``text_dense(CircularWindow(grid, radius))``, attached to
     ``layout`` when given."""
     return text_dense(CircularWindow(grid, radius), layout)
+
+
+def covering_radius(grid: Sequence[int]) -> int:
+    """The smallest integer radius whose circle around every query of ``grid`` covers the whole grid:
+    ``sum((g - 1)**2) < r**2`` (the two opposite corners are the farthest pair)."""
+    return math.isqrt(sum((int(g) - 1) ** 2 for g in grid)) + 1
+
+
+def check_radius(grid: Sequence[int], radius: int) -> None:
+    """Refuse a radius larger than the grid: above :func:`covering_radius`, where a smaller radius already
+    gives dense attention. (A radius equal to it is accepted: that is the method's "full" setting.)"""
+    full = covering_radius(grid)
+    if radius > full:
+        raise ValueError(
+            f"CLEAR radius {radius} is larger than the {'x'.join(map(str, grid))} token grid: radius {full} already "
+            f"covers it (every image query sees every image key); use a radius <= {full}, or a larger image")
+
+
+def pooled_grid(grid: Sequence[int], factor: int) -> tuple[int, ...]:
+    """The grid of CLEAR's pooled tokens: ``ceil(g / factor)`` per axis (a partial border block is a
+    pooled token of its own; see :func:`diffusion_attn.processors.clear.pool_tokens`)."""
+    return tuple(-(-int(g) // factor) for g in grid)
+
+
+def clear_pattern(grid: Sequence[int], radius: float, layout: TokenLayout | None = None, pooled: str = "pooled") -> MaskMod:
+    """CLEAR's whole rule on a layout whose key side may have a segment ``pooled`` (the down-sampled
+    variant's pooled keys): image queries see the text keys, the image keys inside their circle and every
+    pooled key; text queries see the text and image keys, not the pooled ones. Without such a segment it
+    is :func:`circular_pattern`."""
+    local = CircularWindow(grid, radius)
+    if layout is None or pooled not in {s.name for s in layout.extra if s.on("kv")}:
+        return text_dense(local, layout)
+    text_q, grid_q = in_segment("text", "q"), in_segment("grid", "q")
+    text_k, grid_k, pooled_k = in_segment("text", "kv"), in_segment("grid", "kv"), in_segment(pooled, "kv")
+    mod = grid_mask(local) | (text_q & (text_k | grid_k)) | (grid_q & (text_k | pooled_k))
+    return mod.on(layout)
