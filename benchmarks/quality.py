@@ -119,6 +119,9 @@ def _quarter(grid: tuple[int, ...]) -> tuple[int, ...]:
 #: At 64 x 64 px: tiny-flux 8 x 8 tokens -> window (4, 4); tiny-wan 3 x 8 x 8 -> (2, 4, 4).
 REQUIRED_DEFAULTS: dict[str, Callable[[tuple[int, ...]], dict]] = {
     "gna": lambda grid: {"window": _half(grid)},
+    # CLEAR's radius: r = 2 on the 8 x 8 tokens of the trained tiny-flux (an interior query sees 9 of 64
+    # image tokens; the official 8 / 16 / 32 are for 64 x 64 tokens, where r = 8 covers 3 %)
+    "clear": lambda grid: {"radius": 2},
 }
 
 #: Extra rows per method beyond "default": variant name -> parameters from the token grid (merged over the

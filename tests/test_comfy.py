@@ -213,7 +213,7 @@ def test_package_has_no_top_level_comfy_import():
     assert not hasattr(dcomfy, "comfy_entrypoint")  # no comfy_api here
 
 
-@pytest.mark.parametrize("name", sorted(methods()))
+@pytest.mark.parametrize("name", sorted(patching.comfy_methods()))
 def test_every_method_has_a_node_matching_its_spec(name):
     spec = methods()[name]
     key = cnodes.node_id(spec)
@@ -576,7 +576,7 @@ def test_v3_nodes_mirror_v1(comfy, monkeypatch):
     module, latest = _package_with_comfy_api(monkeypatch, io)
     extension = asyncio.run(module.comfy_entrypoint())
     assert isinstance(extension, latest.ComfyExtension)
-    assert len(asyncio.run(extension.get_node_list())) == len(methods())
+    assert len(asyncio.run(extension.get_node_list())) == len(patching.comfy_methods())
     assert sys.modules["diffusion_attn.comfy"] is dcomfy and not hasattr(dcomfy, "comfy_entrypoint")
 
 
@@ -592,13 +592,14 @@ def test_export_node_folder_is_importable(tmp_path):
     current = sys.modules["diffusion_attn.comfy"]
     assert module.NODE_CLASS_MAPPINGS is current.NODE_CLASS_MAPPINGS
     assert module.NODE_DISPLAY_NAME_MAPPINGS == current.NODE_DISPLAY_NAME_MAPPINGS
-    assert len(module.NODE_CLASS_MAPPINGS) == len(methods())
+    assert len(module.NODE_CLASS_MAPPINGS) == len(patching.comfy_methods())
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     meta = tomllib.loads((folder / "pyproject.toml").read_text())
     assert meta["project"]["name"] and meta["project"]["version"]
     assert {"PublisherId", "DisplayName", "Icon"} <= set(meta["tool"]["comfy"])
     readme = (folder / "README.md").read_text()
-    assert all(cnodes.display_name(spec) in readme for spec in methods().values())
+    assert all(cnodes.display_name(spec) in readme for spec in patching.comfy_methods().values())
+    assert all(f"`{name}`: {why}" in readme for name, why in patching.unavailable_methods().items())
     assert not hasattr(module, "comfy_entrypoint")  # no comfy_api here: the V1 mappings
 
 

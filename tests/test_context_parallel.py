@@ -46,6 +46,8 @@ SCENARIOS = {
     # dual path (window + full branch in the batch), cross-attention override, cache mode: per rank
     "wan-freeswim-ulysses": ("tiny-wan-random", "freeswim", dict(native_height=32, native_width=32, mode="cache", cache_steps=2),
                              "ulysses", "enable-first", None),
+    # CLEAR's circle plus the pooled key segment (E4a) of the down-sampled variant, per rank
+    "flux-clear-ulysses": ("tiny-flux-random", "clear", dict(radius=2, down_factor=2), "ulysses", "enable-first", None),
     "hunyuan-radial-ring": ("tiny-hunyuanvideo", "radial", dict(decay_factor=0.3, **Z), "ring", "apply-first", None),
 }
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import __version__
-from ..registry import methods
 from .nodes import description, display_name, node_id, node_inputs
+from .patching import comfy_methods, unavailable_methods
 
 __all__ = ["export_node_folder", "NODE_PACK_NAME"]
 
@@ -56,7 +56,7 @@ def _pyproject(publisher_id: str, display: str, icon: str, repository: str | Non
     return f"""[project]
 name = {_toml_str(NODE_PACK_NAME)}
 version = {_toml_str(__version__)}
-description = {_toml_str("Attention methods for ComfyUI models from diffusion-attn: " + ", ".join(sorted(methods())) + " (one Apply node per method).")}
+description = {_toml_str("Attention methods for ComfyUI models from diffusion-attn: " + ", ".join(sorted(comfy_methods())) + " (one Apply node per method).")}
 license = {{ text = "Apache-2.0" }}
 dependencies = [{_toml_str(f"diffusion-attn>={__version__}")}]
 {urls}
@@ -83,12 +83,17 @@ def _readme() -> str:
         "(`defaults_for = auto` uses the detected model family). Tuple parameters are typed as `3,8,8`.",
         "",
     ]
-    for spec in methods().values():
+    for spec in comfy_methods().values():
         lines += [f"## {display_name(spec)} (`{node_id(spec)}`)", "", description(spec), "", "| input | type | default | help |",
                   "|---|---|---|---|"]
         for inp in node_inputs(spec):
             help_text = inp.tooltip.replace("|", "\\|")
             lines.append(f"| `{inp.name}` | {inp.kind} | `{inp.default}` | {help_text} |")
+        lines.append("")
+    missing = unavailable_methods()
+    if missing:
+        lines += ["## Methods without a ComfyUI node", "", "These run through diffusers (`diffusion_attn.apply`, the CLI, the Gradio UI):", ""]
+        lines += [f"* `{name}`: {why}" for name, why in sorted(missing.items())]
         lines.append("")
     return "\n".join(lines)
 

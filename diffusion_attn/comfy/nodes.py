@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..registry import Image, Mask, MethodSpec, Param, methods
-from .patching import COMFY_FAMILIES, MIN_COMFYUI, SUPPORT, ComfySupport, apply_method, supported_models
+from .patching import COMFY_FAMILIES, MIN_COMFYUI, SUPPORT, ComfySupport, apply_method, comfy_methods, supported_models
 
 __all__ = [
     "CATEGORY",
@@ -319,9 +319,9 @@ def _make_v1_node(spec: MethodSpec) -> type:
 
 
 def build_node_mappings() -> tuple[dict[str, type], dict[str, str]]:
-    """``(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)`` for the registered methods (V1 nodes)."""
+    """``(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)`` for the methods with a ComfyUI node (V1 nodes)."""
     classes, names = {}, {}
-    for spec in methods().values():
+    for spec in comfy_methods().values():
         classes[node_id(spec)] = _make_v1_node(spec)
         names[node_id(spec)] = display_name(spec)
     return classes, names
@@ -353,4 +353,4 @@ def _make_v3_node(spec: MethodSpec, io) -> type:
 
 def build_v3_nodes(io) -> list[type]:
     """The same nodes as V3 ``io.ComfyNode`` classes (``io`` = ``comfy_api.latest.io``)."""
-    return [_make_v3_node(spec, io) for spec in methods().values()]
+    return [_make_v3_node(spec, io) for spec in comfy_methods().values()]

@@ -53,6 +53,7 @@ __all__ = [
     "MethodRuntime",
     "PLACEMENT_KEY",
     "SUPPORT",
+    "comfy_methods",
     "UNetAttn1Patch",
     "UNetPlacementPatch",
     "WRAPPER_KEY",
@@ -105,7 +106,39 @@ SUPPORT: dict[str, ComfySupport] = {
              "(ComfyUI's PatchModelAddDownscale node is the nearest built-in). Seeded shifts hash (seed, step within "
              "the sampler run, layer) with CFG branch 0 whether ComfyUI batches cond/uncond or not.",
     ),
+    "agent": ComfySupport(
+        unavailable="token merging changes the number of tokens around attn1 inside each transformer block, and "
+                    "the ComfyUI runtime replaces the attention op only; ComfyUI's built-in TomePatchModel node "
+                    "gives the ToMe half",
+    ),
+    "freeswim": ComfySupport(
+        unavailable="the dual path (a full-attention branch in the batch whose cross-attention replaces the window "
+                    "branch's) wraps the whole denoiser, and the ComfyUI runtime replaces the attention op only; use "
+                    "diffusion_attn.pipelines.freeswim_generate with diffusers",
+    ),
+    "clear": ComfySupport(
+        unavailable="CLEAR needs its distilled attention weights loaded into to_q/k/v/out (and, with down_factor > 1, "
+                    "trainable pooled keys merged by log-sum-exp), and the ComfyUI runtime replaces the attention "
+                    "op only; use diffusion_attn.apply(pipe, 'clear', weights=...) with diffusers",
+    ),
 }
+
+
+def comfy_methods() -> dict:
+    """The registered methods that have a ComfyUI node, by name: those with an attention pattern that
+    the ComfyUI runtime can run and no ``unavailable`` reason in :data:`SUPPORT`."""
+    from ..registry import methods
+
+    return {name: spec for name, spec in methods().items()
+            if spec.grid_pattern is not None and not SUPPORT.get(name, ComfySupport()).unavailable}
+
+
+def unavailable_methods() -> dict[str, str]:
+    """The registered methods without a ComfyUI node, with the reason."""
+    from ..registry import methods
+
+    return {name: SUPPORT.get(name, ComfySupport()).unavailable or "it has no attention pattern for the ComfyUI runtime"
+            for name in methods() if name not in comfy_methods()}
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -139,7 +139,8 @@ class ComfySupport:
     ``hidden``: spec parameters that are not node inputs (their values come from ``fixed`` or the spec);
     ``unet_targets(params, unet_layout)``: diffusers names of the transformer blocks whose attn1 the
     method replaces (None: all); ``call_overrides(params, layout, step, layer)``: per-call pattern
-    parameters; ``note``: shown in the node description.
+    parameters; ``note``: shown in the node description; ``unavailable``: why the method has no ComfyUI
+    node (empty: it has one); the exported README lists such methods with this reason.
     """
 
     hidden: tuple[str, ...] = ()
@@ -147,6 +148,7 @@ class ComfySupport:
     unet_targets: Callable | None = None
     call_overrides: Callable | None = None
     note: str = ""
+    unavailable: str = ""
 
 
 class MethodRuntime:
