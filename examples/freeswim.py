@@ -59,6 +59,7 @@ def main(argv=None):
         num_inference_steps=args.steps, generator=torch.Generator(args.device).manual_seed(args.seed),
         mode=args.mode, cache_steps=args.cache_steps, output_type="pil", **extra)
     print(f"freeswim: {native[0]}x{native[1]} -> {target[0]}x{target[1]}, {frames} frames, mode={args.mode}")
+    print(f"applied {out.applied} (for the refinement)")
     base = [_to_pil(f) for f in out.base[0]]
     print(f"wrote {save(base, args.output + '-base')} (native, before refinement)")
     print(f"wrote {save(list(out.frames[0]), args.output)}")

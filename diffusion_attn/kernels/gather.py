@@ -106,10 +106,19 @@ def _prepare(request):
     return build_schedule(grid_pattern_of(request.pattern)).to(request.device or "cpu")
 
 
-def _run(q, k, v, request, prepared, key_padding_mask, scale):
-    schedule = prepared if prepared is not None else _prepare(request)
-    return grid_with_text(q, k, v, request.layout, key_padding_mask, scale,
-                          lambda *a, **kw: gather_attention(*a, schedule, **kw))
+def grid_backend_run(prepare, attention):
+    """A backend's ``run`` for a grid kernel: ``attention(q, k, v, plan, **kw)`` on the grid part, the
+    text handled by :func:`grid_with_text`; ``plan`` is the prepared artefact (or ``prepare(request)``)."""
+
+    def run(q, k, v, request, prepared, key_padding_mask, scale):
+        plan = prepared if prepared is not None else prepare(request)
+        return grid_with_text(q, k, v, request.layout, key_padding_mask, scale,
+                              lambda *a, **kw: attention(*a, plan, **kw))
+
+    return run
+
+
+_run = grid_backend_run(_prepare, gather_attention)
 
 
 BACKEND = Backend(

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from ..patterns.base import AxisWindows, BoxPattern
 from .backend import Backend
 from .capabilities import grid_pattern_of
+from .gather import grid_backend_run
 from .reference import SMALL_SEQUENCE
 from .schedule import PairCounts, outer_combine
 from .strips import _extra_keys_lse, attention_lse
@@ -578,12 +579,7 @@ def _prepare(request):
     return sliding_plan(grid_pattern_of(request.pattern)).to(request.device or "cpu")
 
 
-def _run(q, k, v, request, prepared, key_padding_mask, scale):
-    from .gather import grid_with_text
-
-    plan = prepared if prepared is not None else _prepare(request)
-    return grid_with_text(q, k, v, request.layout, key_padding_mask, scale,
-                          lambda *a, **kw: sliding_attention(*a, plan, **kw))
+_run = grid_backend_run(_prepare, sliding_attention)
 
 
 BACKEND = Backend(

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..patterns.base import BoxPattern
 from .backend import Backend
 from .capabilities import grid_pattern_of
+from .gather import grid_backend_run
 from .reference import SMALL_SEQUENCE
 from .schedule import RUNS, AxisTiles, PairCounts, axis_tiles, combined_mask_fn, mask_fn_on, outer_combine
 from .tiling import axis_options
@@ -264,12 +265,7 @@ def _prepare(request):
     return strip_plan(grid_pattern_of(request.pattern)).to(request.device or "cpu")
 
 
-def _run(q, k, v, request, prepared, key_padding_mask, scale):
-    from .gather import grid_with_text
-
-    plan = prepared if prepared is not None else _prepare(request)
-    return grid_with_text(q, k, v, request.layout, key_padding_mask, scale,
-                          lambda *a, **kw: strip_attention(*a, plan, **kw))
+_run = grid_backend_run(_prepare, strip_attention)
 
 
 BACKEND = Backend(

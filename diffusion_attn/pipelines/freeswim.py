@@ -42,10 +42,12 @@ OFFICIAL_FLOW_SHIFT = 9.0
 @dataclass
 class FreeSwimOutput:
     """``frames``: the refined video(s) at the target size (the V2V pipeline's ``frames`` in its
-    ``output_type``); ``base``: the native-size text-to-video result, (B, F, C, H, W) in [0, 1]."""
+    ``output_type``); ``base``: the native-size text-to-video result, (B, F, C, H, W) in [0, 1];
+    ``applied``: what the refinement ran with (the method handle's text, e.g. ``Handle('freeswim', ...)``)."""
 
     frames: Any
     base: torch.Tensor
+    applied: str = ""
 
 
 def upscale_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -157,9 +159,10 @@ def freeswim_generate(
                 **common, **(t2v_kwargs or {})).frames
     video = upscale_video(base, target)
     handle = apply(v2v, config)
+    applied = repr(handle)
     try:
         frames = v2v(video=video, height=target[0], width=target[1], strength=strength, output_type=output_type,
                      **common, **(v2v_kwargs or {})).frames
     finally:
         handle.remove()
-    return FreeSwimOutput(frames, base)
+    return FreeSwimOutput(frames, base, applied)

@@ -51,7 +51,7 @@ import torch
 from ..patches.tome import ToMeConfig, ToMePhase, apply_tome, first_attention_level, mergeable_blocks
 from ..registry import MethodConfig, MethodSpec, method_config, param, register
 from .base import PatternProcessor
-from .install import get_processors, install_processors
+from .install import get_processors, install_processors, rollback_on_error
 
 __all__ = ["AgentConfig", "AgentProcessor", "agent_attention"]
 
@@ -200,7 +200,7 @@ def _install(model, family, context, config: AgentConfig):
         raise ValueError("agent's schedule switches at a fraction of the run, which needs the number of steps: apply "
                          "it to the pipeline (its scheduler tells), or use switch=1.0 (never) / 0.0 (always late)")
     undo, states = apply_tome(model, tome, context, blocks)
-    try:
+    with rollback_on_error(undo):
         wanted = {f"{name}.attn1.processor": name for name, _ in blocks}
         layers = [(name, i) for name, i in family.layers(model) if name in wanted]
         original = get_processors(model)
@@ -215,10 +215,6 @@ def _install(model, family, context, config: AgentConfig):
                                   k_shortcut=config.k_shortcut, attn_precision=config.attn_precision)
 
         undo.extend(install_processors(model, family, context, make, layers=layers))
-    except BaseException:
-        for fn in reversed(undo):
-            fn()
-        raise
     return undo
 
 

@@ -80,7 +80,7 @@ from ..layout import TokenLayout
 from ..patterns.circular import CircularWindow, check_radius, pooled_grid
 from ..registry import MethodConfig, MethodSpec, method_config, param, register
 from .gna import backend_field
-from .install import install_processors
+from .install import install_processors, rollback_on_error
 from .trainable import TrainableProcessor
 
 __all__ = ["CLEARConfig", "CLEARProcessor", "HUB_REPO", "RELEASED", "TRAIN_TOKENS", "load_clear_weights",
@@ -376,7 +376,7 @@ def _install(model, family, context, config: CLEARConfig):
         return proc
 
     undo: list = []
-    try:
+    with rollback_on_error(undo):
         undo.extend(install_processors(model, family, context, make))
         if config.ntk_factor != 1.0:
             from ..patches.ntk_rope import NTKRopeConfig, apply_ntk_rope
@@ -384,10 +384,6 @@ def _install(model, family, context, config: CLEARConfig):
             undo.append(apply_ntk_rope(model, NTKRopeConfig(config.ntk_factor)))
         if base:
             undo.append(_write_base(model, base))
-    except BaseException:
-        for fn in reversed(undo):
-            fn()
-        raise
     return undo
 
 

@@ -71,7 +71,7 @@ from ..patterns import neighborhood_pattern
 from ..registry import MethodConfig, MethodSpec, method_config, param, register
 from .base import PatternProcessor
 from .gna import backend_field
-from .install import install_processors
+from .install import install_processors, rollback_on_error
 
 __all__ = ["FreeSwimConfig", "FreeSwimCrossProcessor", "FreeSwimProcessor", "PIXELS_PER_TOKEN",
            "freeswim_attention_scale", "freeswim_grid_pattern", "freeswim_half_window", "freeswim_window_pattern",
@@ -314,12 +314,8 @@ def _install(model, family, context, config: FreeSwimConfig):
                                  pixels_per_token=factor)
 
     undo = install_processors(model, family, context, make, layers=family.layers(model) + cross_layers(model))
-    try:
+    with rollback_on_error(undo):
         undo.append(apply_freeswim_dual_path(model, FreeSwimDualPathConfig(config.mode, config.guide_interval), context))
-    except BaseException:
-        for fn in reversed(undo):
-            fn()
-        raise
     return undo
 
 

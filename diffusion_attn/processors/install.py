@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
-__all__ = ["install_processors", "get_processors", "set_processors"]
+__all__ = ["install_processors", "get_processors", "rollback_on_error", "set_processors"]
+
+
+@contextmanager
+def rollback_on_error(undo: list):
+    """Install steps inside this block append their undo callables to ``undo``; if the block raises, they
+    run in reverse order and the error propagates, so a failed install leaves the model as it was."""
+    try:
+        yield undo
+    except BaseException:
+        for fn in reversed(undo):
+            fn()
+        raise
 
 
 def get_processors(model) -> dict:
