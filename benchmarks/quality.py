@@ -139,6 +139,15 @@ VARIANTS: dict[str, dict[str, Callable[[tuple[int, ...]], dict]]] = {
         "no-warmup": lambda grid: {"dense_steps": 0, "dense_layers": 0},
         "no-warmup-no-sink": lambda grid: {"dense_steps": 0, "dense_layers": 0, "sink": False},
     },
+    # FreeSwim's default native size (480 x 832) covers the whole 64 x 64 tiny-wan: these make the trained
+    # 64 x 64 model "native 32 x 32" (the window is half of a 4 x 4-token grid: 5 x 5 tokens of the 8 x 8)
+    "freeswim": {
+        "native-32": lambda grid: {"native_height": 32, "native_width": 32},
+        "native-32-cache": lambda grid: {"native_height": 32, "native_width": 32, "mode": "cache", "cache_steps": 2},
+    },
+    "agent": {
+        "tome-only": lambda grid: {"agents": False},
+    },
 }
 
 
