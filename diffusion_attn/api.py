@@ -51,6 +51,9 @@ class Handle:
                 f"{self.method}: {len(failed)} undo step(s) failed, the handle stays active with them: {failed[-1][1]}"
             ) from failed[-1][1]
         self._undo = None
+        # the context outlives the handle's user references: free its per-run state and cached plans
+        self.context.run_state.clear()
+        self.context.cache.clear()
         for m in self.models:
             if getattr(m, _HANDLE_ATTR, None) is self:
                 delattr(m, _HANDLE_ATTR)

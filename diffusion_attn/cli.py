@@ -177,21 +177,25 @@ def cmd_generate(args) -> int:
     _check_output(args)
     kwargs = _generation_kwargs(args)
     model, main_process = args.model, True
-    if getattr(args, "context_parallel", None):
-        from .parallel import is_main_process, parallel_pipeline
-
-        model, kwargs["device"] = parallel_pipeline(args.model, args.context_parallel, args.cp_degree, dtype=args.dtype,
-                                                    device=args.device, ulysses_anything=args.ulysses_anything)
-        main_process = is_main_process()
-    progress = _Progress(f"{args.method} on {args.model}", args.progress and main_process)
+    parallel = bool(getattr(args, "context_parallel", None))
+    progress, ok = None, False
     try:
+        if parallel:
+            from .parallel import is_main_process, parallel_pipeline
+
+            model, kwargs["device"] = parallel_pipeline(args.model, args.context_parallel, args.cp_degree, dtype=args.dtype,
+                                                        device=args.device, ulysses_anything=args.ulysses_anything)
+            main_process = is_main_process()
+        progress = _Progress(f"{args.method} on {args.model}", args.progress and main_process)
         result = generate(model, args.method, params, callback=progress, **kwargs)
+        ok = True
     finally:
-        progress.close()
-        if model is not args.model:
+        if progress is not None:
+            progress.close()
+        if parallel:
             from .parallel import shutdown
 
-            shutdown()
+            shutdown(wait=ok)  # no barrier on an error: the other ranks may never reach it
     if not main_process:  # every rank computed the same output; rank 0 writes it
         return 0
     path = save(result, args.output)

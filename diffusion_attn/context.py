@@ -113,7 +113,8 @@ class RunContext:
     source: str = "timestep"
     cache: dict = field(default_factory=dict)
     #: per-run state of the processors (caches across steps, stored maps): emptied at every run boundary
-    #: (a pipeline call; for a bare model, a timestep larger than the previous one), never across runs
+    #: (a pipeline call; for a bare model, a timestep larger than the previous one), never across runs, and
+    #: freed after a pipeline run's last step (FreeSwim's cache can be gigabytes)
     run_state: dict = field(default_factory=dict)
     #: call-input names the processors bound to this context take (see ``PatternProcessor.call_inputs``)
     call_inputs: set = field(default_factory=set)
@@ -146,8 +147,11 @@ class RunContext:
         self.run_state.clear()
 
     def end_step(self) -> None:
-        """Step boundary: the pipeline's scheduler took a step."""
+        """Step boundary: the pipeline's scheduler took a step. After the run's last step the per-run state
+        is freed (nothing reads it after the denoising loop; the next run starts empty anyway)."""
         self._steps_done += 1
+        if self._run_open and self._run_steps is not None and self._steps_done >= self._run_steps:
+            self.run_state.clear()
 
     def reset(self) -> None:
         self.step, self.branch, self.timestep, self.branch_name = -1, 0, None, None

@@ -435,12 +435,15 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
 _OWN_GROUP = [False]
 
 
-def shutdown() -> None:
-    """Wait for every rank, then destroy the process group if :func:`init_distributed` created it."""
+def shutdown(wait: bool = True) -> None:
+    """Destroy the process group if :func:`init_distributed` created it; with ``wait``, after every rank
+    reached this point (``wait=False`` on an error path: a rank that failed alone must not hang at a
+    barrier the others never reach)."""
     import torch.distributed as dist
 
     if _OWN_GROUP[0] and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
         _OWN_GROUP[0] = False
 

@@ -288,6 +288,8 @@ def test_method_declarations():
 
     assert get_method("gna").context_parallel == ("ulysses", "ring")
     assert get_method("radial").context_parallel == ("ulysses", "ring")
+    assert get_method("freeswim").context_parallel == get_method("clear").context_parallel == ("ulysses",)
+    assert get_method("hidiffusion").context_parallel == get_method("agent").context_parallel == ()
     assert "context_parallel" in get_method("gna").describe()
     with pytest.raises(TypeError, match="context_parallel"):
         MethodSpec(name="x", summary="", paper="", families=("wan",), kind="k", install=lambda *a: [],

@@ -315,11 +315,23 @@ def test_batch_rows_are_independent(mode):
 
 
 def test_per_run_state_is_cleared_between_runs():
-    """Cache mode keeps per-run state only: a second run (another batch size in between) repeats the first."""
+    """Cache mode keeps per-run state only: the cache lives during the run and is freed after its last step
+    (it can be gigabytes); a second run (another batch size in between) repeats the first."""
     pipe = pipe_for(NAME)
+
+    def cached(handle):
+        return any(key[0] == "freeswim.cross" for key in handle.context.run_state if isinstance(key, tuple))
+
     with da.applied(pipe, "freeswim", **NATIVE, mode="cache", cache_steps=2) as handle:
-        first = run(pipe, num_inference_steps=3)
-        assert any(key[0] == "freeswim.cross" for key in handle.context.run_state if isinstance(key, tuple))
+        seen = []
+
+        def watch(p, i, t, kw):
+            seen.append(cached(handle))
+            return kw
+
+        first = run(pipe, num_inference_steps=3, callback_on_step_end=watch)
+        assert seen == [True, True, False]  # after each step; freed after the last
+        assert not handle.context.run_state
         run(pipe, num_inference_steps=2, num_videos_per_prompt=2)
         again = run(pipe, num_inference_steps=3)
     assert torch.equal(first, again)
@@ -502,6 +514,27 @@ def test_recipe_bad_input_runs_nothing(kw, match):
     assert recipe_state(pipe) == before
 
 
+def test_recipe_checks_apply_before_the_first_stage(monkeypatch):
+    """A method already on the transformer (or anything else apply refuses) stops the recipe before the
+    text-to-video stage runs, and leaves the pipeline as it was."""
+    pipe = pipe_for(NAME)
+    calls = []
+    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: calls.append(1))
+    with da.applied(pipe, "gna", window=3):
+        before = recipe_state(pipe)
+        with pytest.raises(ValueError, match="already applied"):
+            freeswim_generate(pipe, "a fox", native_size=(64, 96), target_size=(128, 192), num_frames=5)
+        assert recipe_state(pipe) == before
+    assert calls == []
+
+
+def test_recipe_native_size_defaults_to_the_models(monkeypatch):
+    """Without native_size the recipe takes FreeSwim's per-model default (Wan 2.1: 480 x 832), so a target
+    below it is refused as smaller than the native size."""
+    with pytest.raises(ValueError, match="native size 480 x 832 is larger than the target"):
+        freeswim_generate(pipe_for(NAME), "a fox", target_size=(128, 192), num_frames=5)
+
+
 def test_recipe_refuses_two_expert_pipelines_without_a_choice():
     with pytest.raises(ValueError, match="transformer_2"):
         freeswim_generate(pipe_for("tiny-wan22"), "a fox", native_size=(64, 96), target_size=(128, 192))
@@ -510,7 +543,10 @@ def test_recipe_refuses_two_expert_pipelines_without_a_choice():
 def test_recipe_end_to_end_matches_stock_stages():
     """native -> 2x target, batch 2, cache mode: the recipe equals the same stages run by hand (stock T2V,
     the upscale, apply + stock V2V with flow_shift 9); the pipeline is unchanged afterwards."""
+    from diffusers.hooks import HookRegistry
+
     pipe = pipe_for(NAME)
+    HookRegistry.check_if_exists_or_initialize(pipe.transformer)  # what the stock pipeline's first call creates
     before = recipe_state(pipe)
     common = dict(num_frames=5, num_inference_steps=3, guidance_scale=5.0, max_sequence_length=32)
     out = freeswim_generate(pipe, "a fox", native_size=(64, 96), target_size=(128, 192), num_videos_per_prompt=2,

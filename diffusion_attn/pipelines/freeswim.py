@@ -94,7 +94,7 @@ def freeswim_generate(
     pipe,
     prompt,
     *,
-    native_size=(480, 832),
+    native_size=None,
     target_size=(1088, 1920),
     num_frames: int = 81,
     num_inference_steps: int = 50,
@@ -121,12 +121,19 @@ def freeswim_generate(
     ``pipe``: a ``WanPipeline`` (its components are shared with the refinement pipeline; nothing of it
     is changed). ``mode`` / ``cache_steps`` / ``offload_cache`` / ``attention_scale`` / ``backend``:
     :class:`~diffusion_attn.processors.freeswim.FreeSwimConfig`, whose native size is ``native_size``.
-    ``t2v_kwargs`` / ``v2v_kwargs``: extra arguments of each stage's pipeline call. Everything is
-    validated before the first stage runs.
+    ``native_size`` (height, width) px: default the model's native size (FreeSwim's per-model default: 480 x
+    832 for Wan 2.1, 720 x 1280 for Wan 2.2). ``t2v_kwargs`` / ``v2v_kwargs``: extra arguments of each stage's
+    pipeline call. Everything is validated before the first stage runs (FreeSwim is applied to the
+    refinement pipeline and removed again, exactly, so that every check of ``apply`` runs first).
     """
     from ..api import apply
     from ..processors.freeswim import FreeSwimConfig
 
+    if native_size is None:
+        from ..registry import get_method
+
+        defaults = get_method("freeswim").resolve({}, "wan2.2" if getattr(pipe, "transformer_2", None) is not None else "wan")
+        native_size = (defaults["native_height"], defaults["native_width"])
     native, target = _size(native_size, "native_size"), _size(target_size, "target_size")
     if getattr(pipe, "transformer_2", None) is not None and transformer is None:
         raise ValueError("this Wan 2.2 pipeline has two experts (transformer, transformer_2) but the stock "
@@ -146,6 +153,7 @@ def freeswim_generate(
     config = FreeSwimConfig(native_height=native[0], native_width=native[1], attention_scale=attention_scale,
                             mode=mode, cache_steps=cache_steps, offload_cache=offload_cache, backend=backend)
     v2v = video_to_video_pipeline(pipe, transformer=transformer, flow_shift=flow_shift)
+    apply(v2v, config).remove()  # every check of apply (a method already on the transformer, backend, ...) now
 
     # the prompts are encoded once, by the text-to-video pipeline, for both stages (diffusers' video-to-video
     # pipeline cleans prompts with ftfy unconditionally, an optional dependency)

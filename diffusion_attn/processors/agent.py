@@ -227,5 +227,6 @@ SPEC = register(MethodSpec(
     kind="training-free efficiency",
     config=AgentConfig,
     install=_install,
+    context_parallel=(),  # UNets: diffusers has no context-parallel plan for them
     aliases=("agentsd",),
 ))

@@ -140,7 +140,9 @@ def pool_tokens(x: torch.Tensor, grid: tuple[int, int], weight: torch.Tensor) ->
     """CLEAR's pooled tokens of the grid tokens ``x`` (B, H*W, heads, D), row-major over ``grid``:
     ``sum_{i,j} w[i, j] * x[f*Y + i, f*X + j]`` per pooled token ``(Y, X)`` of the ``ceil(H/f) x ceil(W/f)``
     pooled grid, ``w`` = ``weight`` viewed as ``(f, f)`` (the official ``(1, 1, 1, f, 1, f, 1)``). A partial
-    border block is rescaled by ``sum(w) / sum(w over its present tokens)`` (see the module docstring).
+    border block is rescaled by ``sum(w) / sum(w over its present tokens)`` (see the module docstring);
+    where trained weights make that ratio unsafe (the present weights sum to zero, a tenth of the total or
+    less, or the other sign), the block is the plain mean of its present tokens instead.
     Returns (B, ceil(H/f)*ceil(W/f), heads, D)."""
     f = weight.shape[-2] if weight.ndim == 7 else weight.shape[-1]
     w = weight.reshape(f, f).to(x.dtype)
@@ -155,8 +157,13 @@ def pool_tokens(x: torch.Tensor, grid: tuple[int, int], weight: torch.Tensor) ->
     if pad_h or pad_w:
         present = torch.zeros(ph * f, pw * f, dtype=w.dtype, device=w.device)
         present[:h, :wd] = 1
-        have = (present.unflatten(0, (ph, f)).unflatten(2, (pw, f)) * w[None, :, None, :]).sum(dim=(1, 3))
-        out = out * (w.sum() / have)[None, :, :, None, None]
+        blocks = present.unflatten(0, (ph, f)).unflatten(2, (pw, f))  # (ph, f, pw, f)
+        have = (blocks * w[None, :, None, :]).sum(dim=(1, 3))
+        total = w.sum()
+        safe = (have / total) > 0.1  # positive, same sign as the total, not a vanishing share of it
+        scale = torch.where(safe, total / torch.where(safe, have, torch.ones_like(have)), torch.zeros_like(have))
+        mean = t.sum(dim=(2, 4)) / blocks.sum(dim=(1, 3))[None, :, :, None, None]
+        out = torch.where(safe[None, :, :, None, None], out * scale[None, :, :, None, None], mean)
     return out.flatten(1, 2)
 
 
@@ -245,6 +252,10 @@ def resolve_weights(source: str, radius: int, down_factor: int) -> Path:
     parts = source.split("/")
     if len(parts) == 3 and parts[2].endswith(".safetensors"):
         repo, filename = "/".join(parts[:2]), parts[2]
+    elif source.endswith(".safetensors") or path.is_absolute() or source.startswith((".", "~")):
+        # a path, not a Hub id: never send a missing local file to the Hub
+        raise ValueError(f"weights file {str(path)!r} does not exist (give an existing .safetensors file or folder, a "
+                         f"Hub repo id such as {HUB_REPO}, or owner/name/file.safetensors)")
     if not _REPO_ID.match(repo):
         raise ValueError(f"weights={source!r} is neither an existing .safetensors file or folder nor a Hub repo id "
                          f"(owner/name, e.g. {HUB_REPO}, or owner/name/file.safetensors)")

@@ -315,5 +315,6 @@ SPEC = register(MethodSpec(
     kind="training-free efficiency",
     config=HiDiffusionConfig,
     install=_install,
+    context_parallel=(),  # UNets: diffusers has no context-parallel plan for them
     grid_pattern=hidiffusion_grid_pattern,
 ))
