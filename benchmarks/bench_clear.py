@@ -3,6 +3,7 @@
 
     python benchmarks/bench_clear.py kernels                          # 64^2 / 128^2 / 256^2 image tokens, r 8/16/32
     python benchmarks/bench_clear.py kernels --sizes 64 --radii 8 --backends chunked,flex --repeats 3
+    python benchmarks/bench_clear.py kernels --sizes 64,128 --radii 8,16,32 --backends auto,gather,strips,sliding,flex
     python benchmarks/bench_clear.py quality --weights /work/runs/clear/tiny-flux-r2/clear_local_2.safetensors --radius 2
 
 **kernels**: one Flux attention call, 1 head, head_dim 128, fp32, CPU, ``H x W`` image tokens (``--sizes``:
@@ -12,7 +13,9 @@ processor runs), and CLEAR's time through ``diffusion_attn.kernels.prepared_atte
 (``auto``: what the processor would pick), the pattern's preparation (BlockMask, ...) built once before the
 timed calls and reported as "build" (flex: its first compile is in the first case's build). Dense is
 timed once per size (``--repeats`` calls, one call from 20K tokens on), each backend ``--repeats`` calls;
-medians. A size whose dense call would take longer than ``--max-dense-s`` (estimated from the smaller
+medians of CPU time (``time.process_time``: the machine is shared, wall time would count other jobs).
+``--backends auto,gather,strips,sliding,flex`` compares the box kernels (CLEAR's circle as its bounding box
+refined by the disc, ``BoxPattern(refine=...)``) with compiled FlexAttention. A size whose dense call would take longer than ``--max-dense-s`` (estimated from the smaller
 sizes) is skipped and said so.
 
 **quality**: the trained ``tiny-flux`` (64 x 64 px -> 8 x 8 image tokens + 32 text) on ``--prompts`` held-out
@@ -39,11 +42,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _time(fn, repeats):
+    """CPU seconds (``time.process_time``: this process only, so other jobs on a shared machine do not
+    count) of ``repeats`` calls."""
     out = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         fn()
-        out.append(time.perf_counter() - t)
+        out.append(time.process_time() - t)
     return out
 
 
@@ -82,9 +87,9 @@ def kernels(args) -> list[str]:
                 run = lambda: prepared_attention(q, k, v, pattern, layout, cached=cached, key=("clear", r),  # noqa: E731
                                                  backend=backend)
                 try:
-                    t0 = time.perf_counter()
+                    t0 = time.process_time()
                     run()  # builds (and compiles) what the backend caches
-                    build = time.perf_counter() - t0
+                    build = time.process_time() - t0
                     sparse = statistics.median(_time(run, args.repeats))
                     lines.append(f"| {side}x{side} | {s:,} | {r} | {dens:.4f} | {dense_t:.3f} | {name} | {build:.2f} | "
                                  f"{sparse:.3f} | {dense_t / sparse:.2f}x | {1 / dens:.1f}x |")

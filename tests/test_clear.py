@@ -473,3 +473,55 @@ def test_sd3_end_to_end_text_last():
         out = _run(pipe, "tiny-sd3")
         assert handle.context.grid == (8, 12)
     assert torch.isfinite(out).all() and not torch.allclose(out, stock, atol=1e-4)
+
+
+def test_auto_runs_the_circle_on_a_box_kernel_past_2048_tokens():
+    """Past the small-sequence size ``auto`` runs CLEAR's circle as a refined box (its bounding square and
+    the circle as a tile predicate) on a box kernel, equal to the official mask's explicit softmax."""
+    from diffusion_attn import kernels
+
+    grid, text, r = (44, 46), 32, 5
+    layout = TokenLayout(grid, text, "first")
+    assert kernels.choose_backend(circular_pattern(grid, r, layout), layout) in ("sliding", "strips", "gather")
+    q, k, v = _qkv(grid, text, heads=1, batch=1)
+    out = bound(CLEARProcessor(radius=r), grid).core(q, k, v, layout)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    want = softmax_attention(t(q), t(k), t(v), official_local_mask(*grid, text, r), q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, t(want), atol=2e-6, rtol=1e-5)
+
+
+def test_pooling_a_partial_block_with_trained_weights_stays_finite():
+    """A partial border block whose present weights sum to ~0 or the other sign (trained weights can be
+    negative) is the mean of its present tokens, not a division by ~0; a safe block keeps the rescale rule."""
+    from diffusion_attn.processors.clear import pool_tokens
+
+    x = torch.randn(1, 9, 2, 4)  # a 3 x 3 grid, f = 2 -> 2 x 2 pooled blocks, three of them partial
+    w = torch.tensor([[0.5, -0.5], [0.3, 0.2]]).reshape(1, 1, 1, 2, 1, 2, 1)
+    out = pool_tokens(x, (3, 3), w)
+    assert torch.isfinite(out).all()
+    g = x.reshape(3, 3, 2, 4)
+    # top-right block (column 2 only: weights 0.5 and 0.3 present, total 0.5): ratio 0.8 -> rescaled
+    torch.testing.assert_close(out[0, 1], (0.5 * g[0, 2] + 0.3 * g[1, 2]) * (0.5 / 0.8))
+    # bottom-left block (row 2 only: weights 0.5 and -0.5 present, sum 0): the mean of its two tokens
+    torch.testing.assert_close(out[0, 2], (g[2, 0] + g[2, 1]) / 2)
+
+
+def test_missing_local_weights_file_is_not_sent_to_the_hub(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kw: pytest.fail(f"sent to the Hub: {kw}"))
+    for source in ("weights/clear_local_8.safetensors", "./clear", "/no/such/folder"):
+        with pytest.raises(ValueError, match="does not exist"):
+            da.apply(pipe_for("tiny-flux-random"), "clear", radius=2, weights=source)
+
+
+@pytest.mark.parametrize("backend", ["sliding", "strips", "gather"])
+def test_named_box_kernels_run_clear(backend):
+    """The disc as a refined box on the named box kernels equals the reference kernel."""
+    pipe = pipe_for("tiny-flux-random")
+    kw = dict(num_inference_steps=2, output_type="latent", height=128, width=192, max_sequence_length=32)
+    outs = {}
+    for name in ("reference", backend):
+        with da.applied(pipe, "clear", radius=3, backend=name):
+            outs[name] = pipe("a red ball", generator=torch.Generator().manual_seed(0), **kw).images
+    torch.testing.assert_close(outs[backend], outs["reference"], atol=2e-5, rtol=1e-4)

@@ -417,8 +417,9 @@ def test_gradients_equal_reference(name, device):
 
 
 def test_protocol_circular_window_above_2048_tokens(monkeypatch):
-    """B3 with the package's own CircularWindow (a grid pattern with no box / block capability), as it
-    is and as a sequence MaskMod: auto runs it (chunked without flex), equal to SDPA with the explicit mask."""
+    """B3 with the package's own CircularWindow (a refined box: its bounding square and the circle as a
+    predicate), as it is and as a sequence MaskMod: auto runs it (sliding on CPU), equal to SDPA with the
+    explicit mask."""
     from diffusion_attn.patterns import CircularWindow, as_sequence_pattern
 
     no_flex(monkeypatch)
@@ -431,7 +432,7 @@ def test_protocol_circular_window_above_2048_tokens(monkeypatch):
     mask[layout.image_slice, layout.image_slice] = ((yx[:, None] - yx[None]) ** 2).sum(-1) < 25.0
     ref = reference_sdpa(q, k, v, mask)
     for pattern in (grid_pattern, as_sequence_pattern(grid_pattern, layout)):
-        assert kernels.choose_backend(pattern, layout) == "chunked"
+        assert kernels.choose_backend(pattern, layout) == "sliding"
         torch.testing.assert_close(pattern_attention(q, k, v, pattern, layout), ref, atol=ATOL, rtol=1e-5)
 
 

@@ -295,13 +295,13 @@ def test_capabilities():
     assert sliding.capabilities == {"box"} and blocked.capabilities == {"box", "partition"}
     assert shifted_window_pattern((6, 6), 1).capabilities == {"box", "partition"}
     assert radial.capabilities == {"block"}
-    assert CircularWindow((6, 6), 2).capabilities == frozenset()
+    assert CircularWindow((6, 6), 2).capabilities == {"box", "refined"}  # its bounding square, refined by the disc
     for p in (sliding, blocked, radial):
         assert p.grid_pattern is p
     td = text_dense(blocked, lay)
     assert td.capabilities == {"mask_mod", "box", "partition"} and td.grid_pattern is blocked
     assert text_dense(radial, TokenLayout((2, 6, 6))).capabilities == {"mask_mod", "block"}
-    assert circular_pattern((6, 6), 2, lay).capabilities == {"mask_mod"}
+    assert circular_pattern((6, 6), 2, lay).capabilities == {"mask_mod", "box", "refined"}
     assert (td & heads_in({0})).capabilities == {"mask_mod", "head_dependent"}  # a composition is no box
     assert (td & heads_in({0})).grid_pattern is None
     assert TopKKeyBlocks(4, 2).capabilities == {"dynamic", "head_dependent", "batch_dependent"}

@@ -273,7 +273,7 @@ def test_errors():
     layout = TokenLayout((4, 5))
     circ = text_dense(CircularWindow((4, 5), 2), layout)
     with pytest.raises(ValueError, match="backend='gather' cannot run this pattern.*accepted for a general predicate: auto, reference"):
-        ops.masked_attention(q, k, v, circ, layout, backend="gather")
+        ops.masked_attention(q, k, v, circ | in_segment("text", "q"), layout, backend="gather")  # a composition: no box
     with pytest.raises(ValueError, match="query 0 .* may attend to no key"):
         ops.masked_attention(q, k, v, ~in_segment("grid", "kv"), layout)
     with pytest.raises(ValueError, match="do not match the layout 4x5 \\+ 2 pooled"):

@@ -22,6 +22,9 @@ __all__ = ["Backend", "Request"]
 
 ANY_PATTERN = frozenset()
 
+#: capabilities a backend must declare in ``handles`` to run a pattern that has them
+HANDLED = frozenset({"head_dependent", "batch_dependent", "dynamic", "refined"})
+
 
 @dataclass(frozen=True)
 class Request:
@@ -89,7 +92,7 @@ class Backend:
 
     * ``needs``: alternative capability sets; the pattern must have every name of at least one
       (empty tuple: any pattern). ``handles``: which of ``head_dependent`` / ``batch_dependent`` /
-      ``dynamic`` it accepts (a pattern with another one is refused).
+      ``dynamic`` / ``refined`` (:data:`HANDLED`) it accepts (a pattern with another one is refused).
     * ``devices`` / ``dtypes``: accepted device types / dtypes (None: any). ``head_dims``: (min, max) of
       the q/k head size or None. ``value_dim``: whether values may have another head size than queries.
     * ``autograd``: whether its backward is correct (tested against the reference).
@@ -122,9 +125,11 @@ class Backend:
         if self.needs and not any(set(n) <= caps for n in self.needs):
             have = ", ".join(sorted(caps)) or "none: a mask only"
             return f"backend={self.name!r} runs {self.describe_needs()}; this pattern's capabilities: {have}"
-        extra = (caps & {"head_dependent", "batch_dependent", "dynamic"}) - self.handles
+        extra = (caps & HANDLED) - self.handles
         if extra:
-            return f"backend={self.name!r} does not run {' / '.join(sorted(extra)).replace('_', '-')} patterns"
+            names = " / ".join("refined-box (e.g. CLEAR's circle)" if c == "refined" else c.replace("_", "-")
+                               for c in sorted(extra))
+            return f"backend={self.name!r} does not run {names} patterns"
         return None
 
     def describe_needs(self) -> str:

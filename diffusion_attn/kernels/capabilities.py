@@ -8,6 +8,9 @@ A pattern tells the kernels what it can offer through *capabilities* (names, see
   radial) -- gather and the block occupancy of flex / triton use it;
 * ``"partition"``: its windows partition the grid (:func:`~diffusion_attn.kernels.windows.window_partition`
   is not None) -- the windows and xformers kernels;
+* ``"refined"``: the box carries a refinement (``BoxPattern.refine``, a predicate ANDed with the box:
+  CLEAR's circle inside its bounding square); only kernels that apply it (``Backend.handles`` has
+  ``"refined"``: gather, strips, sliding, and the predicate kernels flex, chunked, reference) run it;
 * ``"mask_mod"``: a FlexAttention-style predicate over sequence indices (``pattern.mask_mod(b, h, q_idx,
   kv_idx)``); every pattern has at least a dense mask, from which the kernels derive rows;
 * ``"head_dependent"`` / ``"batch_dependent"``: the predicate reads ``h`` / ``b``;
@@ -40,15 +43,25 @@ from ..patterns.base import BlockPattern, BoxPattern
 __all__ = ["CAPABILITIES", "capabilities_of", "grid_pattern_of", "is_full_on", "resolve_dynamic",
            "sequence_dense_mask", "sequence_mask_mod", "window_plan_of"]
 
-CAPABILITIES = frozenset({"box", "block", "partition", "mask_mod", "head_dependent", "batch_dependent", "dynamic"})
+CAPABILITIES = frozenset({"box", "block", "partition", "refined", "mask_mod", "head_dependent", "batch_dependent",
+                          "dynamic"})
 
 #: pattern object -> its window plan (or None): the partition test runs once per pattern object
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def grid_pattern_of(pattern):
-    """The pattern's :class:`BoxPattern` / :class:`BlockPattern` form, or None (a generic pattern)."""
-    inner = getattr(pattern, "grid_pattern", pattern)
+    """The pattern's :class:`BoxPattern` / :class:`BlockPattern` form, or None (a generic pattern).
+    ``grid_pattern`` is followed through a few levels (``text_dense(CircularWindow)`` -> the circle ->
+    its refined box)."""
+    inner = pattern
+    for _ in range(4):
+        if isinstance(inner, (BoxPattern, BlockPattern)):
+            return inner
+        nxt = getattr(inner, "grid_pattern", None)
+        if nxt is None or nxt is inner:
+            return None
+        inner = nxt
     return inner if isinstance(inner, (BoxPattern, BlockPattern)) else None
 
 
@@ -113,7 +126,7 @@ def capabilities_of(pattern) -> frozenset:
         unknown = caps - CAPABILITIES
         if unknown:
             raise ValueError(f"unknown pattern capabilities {sorted(unknown)}; known: {sorted(CAPABILITIES)}")
-        return caps
+        return caps | _refined(pattern, caps)
     caps = set()
     inner = grid_pattern_of(pattern)
     if isinstance(inner, BoxPattern):
@@ -124,7 +137,17 @@ def capabilities_of(pattern) -> frozenset:
         caps.add("block")
     if callable(getattr(pattern, "mask_mod", None)):
         caps.add("mask_mod")
-    return frozenset(caps)
+    return frozenset(caps) | _refined(pattern, caps)
+
+
+def _refined(pattern, caps) -> frozenset:
+    """``{"refined"}`` when the pattern's box form carries a refinement: a wrapper that passes ``"box"``
+    on (``text_dense``) may not know the name, and a kernel that ignores the refinement must not run it."""
+    if "box" in caps:
+        inner = grid_pattern_of(pattern)
+        if isinstance(inner, BoxPattern) and inner.refine is not None:
+            return frozenset({"refined"})
+    return frozenset()
 
 
 def _index(x, like: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The ``chunked`` backend: the reference computed a chunk of query rows at a time, for any pattern.
 
-For patterns no fast kernel runs (a circular window, a head-dependent predicate, anything with only a
-``mask_mod`` or a dense mask) at sizes where an S x S mask is too large: per chunk of queries the
+For patterns no fast kernel runs (a head-dependent predicate, anything with only a ``mask_mod`` or a
+dense mask) at sizes where an S x S mask is too large: per chunk of queries the
 pattern's mask rows are evaluated (``mask_mod`` over sequence indices, or rows of a grid pattern's
 predicate) and SDPA runs with that boolean mask over every key. Memory per chunk: the chunk's rows of
 the mask and of the scores, bounded by ``max_chunk_bytes``; nothing S x S is ever built -- except for a
@@ -69,6 +69,6 @@ def _run(q, k, v, request, prepared, key_padding_mask, scale):
 
 BACKEND = Backend(
     "chunked", "the reference by chunks of query rows (any pattern, any size; dense compute)", _run,
-    handles=frozenset({"head_dependent", "batch_dependent", "dynamic"}),
+    handles=frozenset({"head_dependent", "batch_dependent", "dynamic", "refined"}),
     prepare=_prepare, auto=lambda r: True,
 )

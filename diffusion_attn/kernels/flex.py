@@ -220,5 +220,5 @@ def _auto(request) -> bool:
 BACKEND = Backend(
     "flex", "compiled FlexAttention, which skips masked blocks (any pattern with a mask; auto: block patterns "
     f"from {FLEX_MIN_TOKENS} tokens, generic ones past {SMALL_SEQUENCE})", _run,
-    handles=frozenset({"dynamic"}), available=_available, check=_check, prepare=_prepare, auto=_auto,
+    handles=frozenset({"dynamic", "refined"}), available=_available, check=_check, prepare=_prepare, auto=_auto,
 )

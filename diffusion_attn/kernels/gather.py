@@ -123,5 +123,5 @@ _run = grid_backend_run(_prepare, gather_attention)
 
 BACKEND = Backend(
     "gather", "tiled gather + SDPA: box and block patterns, any device, any length", _run,
-    needs=(("box",), ("block",)), prepare=_prepare, auto=lambda r: True,
+    needs=(("box",), ("block",)), handles=frozenset({"refined"}), prepare=_prepare, auto=lambda r: True,
 )

@@ -81,6 +81,6 @@ def _run(q, k, v, request, prepared, key_padding_mask, scale):
 
 BACKEND = Backend(
     "reference", "SDPA with the pattern's full boolean mask (S x S; the oracle, small sequences)", _run,
-    handles=frozenset({"head_dependent", "batch_dependent", "dynamic"}),
+    handles=frozenset({"head_dependent", "batch_dependent", "dynamic", "refined"}),
     auto=lambda r: r.num_tokens <= SMALL_SEQUENCE,
 )

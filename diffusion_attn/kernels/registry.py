@@ -16,13 +16,15 @@ environment, dtype, head sizes, ``Dv != D``, autograd). In order:
    (neither box nor block: a ``mask_mod`` or a dense mask only) past 2,048, where compiled FlexAttention
    runs;
 5. ``sliding``: box patterns on CPU with a sliding axis (stride 1 inside the borders), where it was
-   measured 1.15-2.5x faster than ``strips`` (issue 11, ``benchmarks/results/sliding.md``); no backward,
-   so autograd goes on to ``strips``;
+   measured 1.15-2.5x faster than ``strips`` (issue 11, ``benchmarks/results/sliding.md``), refined boxes
+   included (CLEAR's circle in its bounding square: 1.0-1.6x ``strips``, 2-4x ``flex``,
+   ``benchmarks/results/clear.md``); no backward, so autograd goes on to ``strips``;
 6. ``strips``: box patterns on CPU (windows strided or blocked on every axis);
 7. ``gather``: box and block patterns;
 8. ``chunked``: anything else (the reference by chunks of query rows).
 
-``triton``, ``natten`` and ``xformers`` are opt-in (``backend=`` by name). A pattern that allows every
+A refined box (capability ``"refined"``) runs only on backends that declare it in ``handles`` (gather,
+strips, sliding, flex, reference, chunked). ``triton``, ``natten`` and ``xformers`` are opt-in (``backend=`` by name). A pattern that allows every
 pair always runs ``dense``, whatever backend was named.
 """
 

@@ -29,6 +29,7 @@ __all__ = [
     "box_schedule",
     "combined_mask_fn",
     "mask_fn_on",
+    "refined_mask_fn",
     "outer_combine",
 ]
 
@@ -158,10 +159,26 @@ def box_schedule(pattern: BoxPattern, tile: tuple) -> Schedule:
     :data:`RUNS` (see :func:`axis_tiles`)."""
     strides = [math.prod(pattern.grid[i + 1 :]) for i in range(len(pattern.grid))]
     per_axis = [axis_tiles(a, t) for a, t in zip(pattern.axes, tile)]
+    refine = pattern.refine_fn()
     buckets = []
     for combo in _product(per_axis):
-        buckets.append(_box_bucket(combo, strides))
+        bucket = _box_bucket(combo, strides)
+        if refine is not None:
+            bucket.mask_fn = refined_mask_fn(bucket.mask_fn, refine, bucket.qidx, bucket.kidx)
+        buckets.append(bucket)
     return Schedule(buckets, pattern.num_tokens, pattern.allowed_pairs())
+
+
+def refined_mask_fn(mask_fn, refine, qidx: torch.Tensor, kidx: torch.Tensor):
+    """A refined box's tile masks: ``refine(q, k)`` (elementwise over flattened grid indices) ANDed with
+    the box's own tile masks ``mask_fn(i0, i1)`` (None: dense), for tiles whose queries are ``qidx[i0:i1]``
+    (n, tq) and keys ``kidx[i0:i1]`` (n, tk). Built per chunk (n, tq, tk), never stored."""
+
+    def fn(i0: int, i1: int) -> torch.Tensor:
+        m = refine(qidx[i0:i1, :, None], kidx[i0:i1, None, :])
+        return m if mask_fn is None else m & mask_fn(i0, i1)
+
+    return fn
 
 
 def _product(lists):

@@ -32,6 +32,13 @@ cost model measured on CPU (:func:`sdpa_efficiency`, :data:`MASK_COST`, :data:`M
 :data:`KEY_COPY_COST`; within 0.01-0.03 of the measured efficiency on the Wan layouts);
 :attr:`SlidingPlan.visited_pairs` is its tile-level bound (:meth:`SlidingPlan.predicted_speedup`).
 
+A refined box (``BoxPattern.refine``, CLEAR's circle inside its bounding square) gets its predicate
+evaluated per piece and chunk of columns on the piece's (query, key) indices and added to the shared
+mask; a translation-invariant one (``refine.translation_invariant``, the circle) once per piece and column
+group, the groups being split so that their columns are translates of each other. A key chunk may then
+hold none of a query's keys (a corner of its square): such rows get weight 0 in the merge (the CPU flash
+kernel returns lse 0, not -inf, for a row with no key).
+
 Semantics are NATTEN's (any :class:`~diffusion_attn.patterns.BoxPattern`: GNA with any stride, dilation,
 even windows; shifted windows), text keys merged by log-sum-exp as in :mod:`.strips` (NATTEN's
 ``additional_keys``). There is no official kernel to follow: NATTEN's fused kernels visit tiles of the
@@ -196,6 +203,8 @@ class SlidingPlan(PairCounts):
     num_queries: int
     allowed_pairs: int
     visited_pairs: int
+    refine: object = None  # a refined box's predicate fn(qi, ki) over flattened grid indices, ANDed per piece
+    refine_shared: bool = False  # the refinement is translation-invariant: one mask per piece and column group
 
     def predicted_speedup(self, text_len: int = 0) -> float:
         """Tile-level upper bound on the speedup over dense attention: S^2 over the pairs computed."""
@@ -207,7 +216,7 @@ class SlidingPlan(PairCounts):
                 for c in self.columns]
         pieces = [Piece(p.qa, p.qb, p.ka, p.kb, None if p.mask is None else p.mask.to(device)) for p in self.pieces]
         return SlidingPlan(self.axis, self.kinds, self.slide_offsets.to(device), pieces, cols, self.overlap,
-                           self.num_queries, self.allowed_pairs, self.visited_pairs)
+                           self.num_queries, self.allowed_pairs, self.visited_pairs, self.refine, self.refine_shared)
 
 
 def _mask_key(m):
@@ -248,6 +257,21 @@ def _outer_mask(masks, shapes):
         out = m.view(shape) if out is None else out & m.view(shape)
     full = [t for t, _ in shapes] + [k for _, k in shapes]
     return out.expand(full).reshape(math.prod(t for t, _ in shapes), -1)
+
+
+def _split_by_offsets(columns: list[ColumnGroup]) -> list[ColumnGroup]:
+    """Column groups split so that within a group every column has the same query and key offsets
+    relative to its first query: a translation-invariant refinement then has one mask per piece and
+    group (the columns of a group are translates of each other)."""
+    out = []
+    for g in columns:
+        base = g.qcols[:, :1]
+        sig = torch.cat([g.qcols - base, g.kcols - base], 1)
+        uniq, inverse = torch.unique(sig, dim=0, return_inverse=True)
+        for u in range(uniq.shape[0]):
+            sel = torch.nonzero(inverse == u).flatten()
+            out.append(ColumnGroup(g.qcols[sel], g.kcols[sel], g.mask))
+    return out
 
 
 def _column_groups(pattern: BoxPattern, axis: int, kinds) -> list[ColumnGroup]:
@@ -378,12 +402,15 @@ def sliding_plan(pattern: BoxPattern, axis: int | None = None, kinds: tuple | No
                              f"got {(kind, size)!r}")
     pieces = axis_pieces(pattern.axes[axis], *kinds[axis])
     columns = _column_groups(pattern, axis, kinds)
+    shared = pattern.refine is not None and bool(getattr(pattern.refine, "translation_invariant", False))
+    if shared:
+        columns = _split_by_offsets(columns)
     strides = [math.prod(pattern.grid[i + 1 :]) for i in range(d)]
     L = pattern.grid[axis]
     visited = sum(p.tq * p.tk * c.qcols.numel() * c.kcols.shape[1] for p in pieces for c in columns)
     overlap = sum(p.tq for p in pieces) != L
     return SlidingPlan(axis, kinds, pattern.axes[axis].perm * strides[axis], pieces, columns, overlap,
-                       pattern.num_tokens, pattern.allowed_pairs(), visited)
+                       pattern.num_tokens, pattern.allowed_pairs(), visited, pattern.refine_fn(), shared)
 
 
 def _additive(mask, dtype):
@@ -512,11 +539,22 @@ def _column_chunk(q, k, v, plan, cols, c0, c1, ws, slide_masks, col_mask, masks,
         if i not in masks:
             masks[i] = _float_mask(slide_masks[i], col_mask, p.tq, p.tk, tq_o, K)
         mask = masks[i]
+        empty = None
+        if plan.refine_shared:  # one mask per piece for the whole group: from its first column, broadcast
+            if ("refined", i) not in masks:
+                masks[("refined", i)] = _refined_mask(plan.refine, qidx[:1, qs], kidx.view(c, L * K)[:1, ks], mask,
+                                                      1, q.dtype)
+            mask, empty = masks[("refined", i)]
+        elif plan.refine is not None:
+            mask, empty = _refined_mask(plan.refine, qidx[:, qs], kidx.view(c, L * K)[:, ks], mask, B, q.dtype)
         if lc is None:
             oc[:, :, qs] = F.scaled_dot_product_attention(qc[:, :, qs], kc[:, :, ks], vc[:, :, ks],
                                                           attn_mask=mask, scale=scale)
             continue
         o, lse = _lse_call(qc[:, :, qs], kc[:, :, ks], vc[:, :, ks], mask, scale)
+        if empty is not None:  # rows the refinement leaves without a key in this piece: weight 0 in the merge
+            lse = lse.masked_fill(empty, float("-inf"))
+            o = o.masked_fill(empty[..., None], 0.0)
         split = max(p.qa, min(high, p.qb)) if in_order else p.qb  # [qa, split): merge; [split, qb): write
         if not merge:
             split = p.qa
@@ -527,6 +565,9 @@ def _column_chunk(q, k, v, plan, cols, c0, c1, ws, slide_masks, col_mask, masks,
             new = torch.logaddexp(old, lse[:, :, :m])
             w_old = (old - new).exp_().unsqueeze(-1)
             w_new = (lse[:, :, :m] - new).exp_().unsqueeze(-1)
+            if empty is not None:  # a row with no key in either part so far: -inf - -inf, weight 0
+                w_old.nan_to_num_(0.0)
+                w_new.nan_to_num_(0.0)
             oc[:, :, done].mul_(w_old).addcmul_(o[:, :, :m].float(), w_new)
             lc[:, :, done] = new
         if split < p.qb:
@@ -536,6 +577,23 @@ def _column_chunk(q, k, v, plan, cols, c0, c1, ws, slide_masks, col_mask, masks,
     out[:, qidx] = oc.view(B, c, H, L * tq_o, Dv).transpose(2, 3).to(out.dtype)
     if lse_out is not None:
         lse_out[:, :, qidx] = lc.view(B, c, H, L * tq_o).transpose(1, 2)
+
+
+def _refined_mask(refine, qi, ki, shared, B, dtype):
+    """A refined box's additive mask for one piece on ``c`` columns: ``refine(qi, ki)`` ((c, tq) queries x
+    (c, tk) keys, flattened grid indices) ANDed with the piece's shared additive mask ``shared`` (1, 1, tq,
+    tk) or None; returns ``(mask (B*c, 1, tq, tk), empty)``, ``empty`` (B*c, 1, tq) bool for the rows with
+    no allowed key (a piece may hold only a corner of a query's circle), or None when there are none."""
+    ok = refine(qi[:, :, None], ki[:, None, :])  # (c, tq, tk)
+    if shared is not None:
+        ok = ok & (shared[0] == 0)
+    c, tq, tk = ok.shape
+    mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, float("-inf"))
+    mask = mask[None].expand(B, c, tq, tk).reshape(B * c, 1, tq, tk)
+    empty = ~ok.any(-1)
+    if not bool(empty.any()):
+        return mask, None
+    return mask, empty[None].expand(B, c, tq).reshape(B * c, 1, tq)
 
 
 def _lse_call(q, k, v, float_mask, scale):
@@ -585,6 +643,6 @@ _run = grid_backend_run(_prepare, sliding_attention)
 BACKEND = Backend(
     "sliding", "exact key-side splits along one axis merged by log-sum-exp, shared tile masks, keys and "
     "queries gathered once per column: box patterns (auto: on CPU, with a sliding axis)", _run,
-    needs=(("box",),), prepare=_prepare, autograd=False,
+    needs=(("box",),), handles=frozenset({"refined"}), prepare=_prepare, autograd=False,
     auto=_auto,
 )

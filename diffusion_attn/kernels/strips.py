@@ -12,6 +12,9 @@ one contiguous slice of the column: SDPA reads it as a view. Per slide tile one 
 chunk of columns (a batch); tiles at the slide axis' borders hold every query that shares the clamped
 window, which makes them large.
 
+A refined box (``BoxPattern.refine``, CLEAR's circle) gets its predicate evaluated on each tile's (query,
+key) indices and ANDed with the tile's box mask: per tile a (columns, tq, tk) boolean mask.
+
 Extra dense keys (text tokens) are not appended to the slices (that would be a copy per tile): grid
 queries attend to the grid keys and to the text keys separately and the two results are merged by their
 log-sum-exp, which is one softmax over both (NATTEN's ``additional_keys`` semantics, as the gather
@@ -67,6 +70,7 @@ class StripPlan(PairCounts):
     num_queries: int
     allowed_pairs: int
     visited_pairs: int
+    refine: object = None  # a refined box's predicate fn(qi, ki) over flattened grid indices, ANDed per tile
 
     def predicted_speedup(self, text_len: int = 0) -> float:
         """Upper bound on the speedup over dense attention: S^2 over the pairs computed (grid pairs of the
@@ -77,7 +81,7 @@ class StripPlan(PairCounts):
     def to(self, device) -> "StripPlan":
         cols = [StripColumns(c.qcols.to(device), c.kcols.to(device), mask_fn_on(c.mask_fn, device)) for c in self.columns]
         return StripPlan(self.axis, self.slide_offsets.to(device), self.slide_tiles, cols, self.tiles,
-                         self.num_queries, self.allowed_pairs, self.visited_pairs)
+                         self.num_queries, self.allowed_pairs, self.visited_pairs, self.refine)
 
 
 def sdpa_efficiency(tq: int) -> float:
@@ -155,7 +159,7 @@ def strip_plan(pattern: BoxPattern, axis: int | None = None, tiles: tuple | None
         st.qpos.numel() * st.box * c.qcols.numel() * c.kcols.shape[1] for st in slide_tiles for c in columns
     )
     return StripPlan(axis, slide.perm * strides[axis], slide_tiles, columns, tiles,
-                     pattern.num_tokens, pattern.allowed_pairs(), visited)
+                     pattern.num_tokens, pattern.allowed_pairs(), visited, pattern.refine_fn())
 
 
 def attention_lse(q, k, v, mask=None, scale=None):
@@ -222,7 +226,7 @@ def strip_attention(
         C, K = cols.kcols.shape
         tq_o = cols.qcols.shape[1]
         per_col = B * H * L * K * (D + Dv) * q.element_size()  # gathered keys and values
-        if cols.mask_fn is not None:  # the tile mask, as SDPA's float mask
+        if cols.mask_fn is not None or plan.refine is not None:  # the tile mask, as SDPA's float mask
             per_col += B * t_max * tq_o * box_max * K * 4
         chunk = max(1, min(C, max_chunk_bytes // max(per_col, 1)))
         for c0 in range(0, C, chunk):
@@ -235,15 +239,19 @@ def strip_attention(
             for st in plan.slide_tiles:
                 t, box = st.qpos.shape[1], st.box
                 tq, tk = t * tq_o, box * K
-                mask = None
+                mask = base = None
                 if colmask is not None:
-                    mask = colmask[:, None, :, None, :].expand(c, t, tq_o, box, K).reshape(c, tq, tk)
-                    mask = mask[None].expand(B, c, tq, tk).reshape(B * c, 1, tq, tk)
+                    base = colmask[:, None, :, None, :].expand(c, t, tq_o, box, K).reshape(c, tq, tk)
+                    mask = base[None].expand(B, c, tq, tk).reshape(B * c, 1, tq, tk)
                 qslide = offsets[st.qpos]  # (n, t)
                 for j in range(st.qpos.shape[0]):
                     qidx = (qslide[j][None, :, None] + cols.qcols[c0:c1, None, :]).reshape(c, tq)
                     qg = q[:, qidx].reshape(B * c, tq, H, D).transpose(1, 2)
                     k0 = int(st.kstart[j]) * K
+                    if plan.refine is not None:  # a refined box: its predicate on this tile's pairs
+                        mask = plan.refine(qidx[:, :, None], kidx[:, None, k0 : k0 + tk])
+                        mask = mask if base is None else mask & base
+                        mask = mask[None].expand(B, c, tq, tk).reshape(B * c, 1, tq, tk)
                     kk, vv = kc[:, :, k0 : k0 + tk], vc[:, :, k0 : k0 + tk]
                     if need_lse:
                         o, lse = attention_lse(qg, kk, vv, mask, scale)
@@ -271,6 +279,6 @@ _run = grid_backend_run(_prepare, strip_attention)
 BACKEND = Backend(
     "strips", "keys gathered once per column and sliced per tile: box patterns (auto: on CPU, measured "
     "1.03-1.70x gather's speed)", _run,
-    needs=(("box",),), prepare=_prepare,
+    needs=(("box",),), handles=frozenset({"refined"}), prepare=_prepare,
     auto=lambda r: r.device_type == "cpu" and r.num_tokens > SMALL_SEQUENCE,
 )

@@ -14,6 +14,12 @@ allowed pairs and density. How a kernel tiles them (:class:`~diffusion_attn.kern
 ``box_schedule``, ``block_schedule``, ``axis_tiles``) is kernel planning and lives in
 :mod:`diffusion_attn.kernels.schedule`; patterns never import kernels' tile planning.
 
+A box pattern may carry a *refinement* (``refine``): a second grid predicate that is ANDed with the box,
+for shapes whose allowed set is not a product of intervals but has a small bounding box per query --
+CLEAR's circular window (:class:`~diffusion_attn.patterns.CircularWindow`) is the box of the disc's
+bounding square refined by the disc. The box kernels that claim the ``"refined"`` capability AND it into
+their tile masks; the others refuse such a pattern (:mod:`diffusion_attn.kernels.capabilities`).
+
 Both are *grid patterns* of the sequence pattern protocol (:mod:`diffusion_attn.patterns.mask_mod`):
 ``capabilities`` says ``"box"`` (+ ``"partition"`` when the windows partition the grid) or ``"block"``,
 ``grid_pattern`` is the pattern itself, and ``mask_mod(b, h, q_idx, kv_idx)`` is the predicate over
@@ -64,19 +70,44 @@ class AxisWindows:
 
 
 class BoxPattern:
-    """Separable per-axis windows over a grid (see module docstring)."""
+    """Separable per-axis windows over a grid (see module docstring), optionally refined.
 
-    def __init__(self, grid: tuple[int, ...], axes: list[AxisWindows]):
+    ``refine``: None, or a grid predicate on the same grid whose allowed set lies inside the box (the box
+    bounds it: every pair it allows, the box allows): an object with ``grid``, ``allowed_fn(device)``
+    (elementwise over flattened grid indices, broadcasting), ``allowed_pairs()`` and ``is_full()``, e.g.
+    a :class:`~diffusion_attn.patterns.CircularWindow`. The pattern's allowed set is then the box AND
+    the refinement (= the refinement's set); :meth:`allowed_pairs`, :attr:`density` and
+    :meth:`dense_mask` count the refined set exactly, and ``capabilities`` says ``"refined"`` (never
+    ``"partition"``): a kernel must apply :meth:`refine_fn` inside its tiles to run it. A refinement
+    with ``translation_invariant = True`` (it reads the offset ``k - q`` only, as the circle) lets a kernel
+    share one tile mask among tiles that are translates of each other (``sliding`` does).
+    """
+
+    def __init__(self, grid: tuple[int, ...], axes: list[AxisWindows], refine=None):
         if len(grid) != len(axes) or any(a.length != g for a, g in zip(axes, grid)):
             raise ValueError(f"axes do not match the grid {grid}")
+        if refine is not None:
+            if not all(callable(getattr(refine, f, None)) for f in ("allowed_fn", "allowed_pairs")):
+                raise TypeError(f"a box refinement needs allowed_fn(device) and allowed_pairs(), "
+                                f"got {type(refine).__name__}")
+            if tuple(getattr(refine, "grid", grid)) != tuple(grid):
+                raise ValueError(f"the refinement's grid {tuple(refine.grid)} is not the box's grid {tuple(grid)}")
         self.grid = tuple(grid)
         self.axes = axes
+        self.refine = refine
+
+    def refine_fn(self, device=None):
+        """The refinement's elementwise predicate ``fn(qi, ki)`` over flattened grid indices on ``device``,
+        or None for a plain box. Box kernels AND it into the mask of every tile they compute."""
+        return None if self.refine is None else self.refine.allowed_fn(device)
 
     @property
     def num_tokens(self) -> int:
         return math.prod(self.grid)
 
     def allowed_pairs(self) -> int:
+        if self.refine is not None:  # the refinement lies inside the box: its pairs are the pattern's
+            return int(self.refine.allowed_pairs())
         return math.prod(int((a.hi - a.lo).sum()) for a in self.axes)
 
     @property
@@ -84,11 +115,15 @@ class BoxPattern:
         return self.allowed_pairs() / float(self.num_tokens) ** 2
 
     def is_full(self) -> bool:
-        return all(bool((a.lo == 0).all() and (a.hi == a.length).all()) for a in self.axes)
+        box_full = all(bool((a.lo == 0).all() and (a.hi == a.length).all()) for a in self.axes)
+        return box_full and (self.refine is None or bool(self.refine.is_full()))
 
     @property
     def capabilities(self) -> frozenset:
-        """``{"box"}``, plus ``"partition"`` when the windows partition the grid (computed once)."""
+        """``{"box"}``, plus ``"partition"`` when the windows partition the grid (computed once);
+        ``{"box", "refined"}`` with a refinement."""
+        if self.refine is not None:
+            return frozenset({"box", "refined"})
         if getattr(self, "_capabilities", None) is None:
             from ..kernels.windows import window_partition  # kernels import patterns: import late
 
@@ -118,6 +153,7 @@ class BoxPattern:
             inv = torch.empty_like(axis.perm)
             inv[axis.perm] = torch.arange(L)
             tables.append((stride, L, inv.to(device), axis.lo.to(device), axis.hi.to(device)))
+        refine = self.refine_fn(device)
 
         def fn(qi, ki):
             ok = None
@@ -126,7 +162,7 @@ class BoxPattern:
                 kp = inv[(ki // stride) % L]
                 term = (lo[qp] <= kp) & (kp < hi[qp])
                 ok = term if ok is None else ok & term
-            return ok
+            return ok if refine is None else ok & refine(qi, ki)
 
         return fn
 
@@ -139,7 +175,11 @@ class BoxPattern:
             shape = [1] * (2 * n)
             shape[i], shape[n + i] = m.shape
             out = out & m.view(shape)
-        return out.reshape(self.num_tokens, self.num_tokens)
+        out = out.reshape(self.num_tokens, self.num_tokens)
+        if self.refine is not None:
+            i = torch.arange(self.num_tokens)
+            out = out & self.refine.allowed_fn(None)(i[:, None], i[None, :])
+        return out
 
 
 class BlockPattern:

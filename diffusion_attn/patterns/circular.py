@@ -6,9 +6,15 @@ borders (no inward shift, unlike NATTEN: border queries see fewer keys), plus ev
 queries see everything. The grid part is :class:`CircularWindow`; the whole rule is
 ``text_dense(CircularWindow(grid, r), layout)`` (:func:`circular_pattern`).
 
-This is the proof that a new mask shape is a pattern file and nothing else: it is neither a box nor a
-block pattern, so its only capability is the predicate (kernels run it through ``mask_mod`` / the dense
-reference). The registered method is ``clear`` (:mod:`diffusion_attn.processors.clear`).
+This is the proof that a new mask shape is a pattern file and nothing else. The circle is no product of
+intervals, but it has a small bounding box per query, so its kernel view (``grid_pattern``) is a *refined
+box* (:class:`~diffusion_attn.patterns.BoxPattern` with ``refine=`` the circle): per axis the window
+``[max(0, p - m), min(L, p + m + 1))`` with ``m = ceil(r) - 1`` the largest offset with ``m**2 < r**2``
+(the disc's bounding square, truncated at the borders, identity permutation), refined by the disc
+predicate inside each tile. Its capabilities are ``{"box", "refined"}``: the box kernels that apply the
+refinement (``gather``, ``strips``, ``sliding``) and the predicate kernels (``flex``, ``chunked``,
+``reference``) run it; ``natten``, ``windows``, ``triton`` refuse it. The registered method is ``clear``
+(:mod:`diffusion_attn.processors.clear`).
 
 CLEAR's down-sampled variant adds ``(H/f)(W/f)`` pooled keys after the sequence (a key-side segment
 ``"pooled"``): image queries see them, text queries do not. :func:`clear_pattern` is that whole rule on a
@@ -32,6 +38,7 @@ from typing import Sequence
 import torch
 
 from ..layout import TokenLayout
+from .base import AxisWindows, BoxPattern
 from .mask_mod import MaskMod, grid_mask, in_segment, text_dense
 
 __all__ = ["CircularWindow", "circular_pattern", "clear_pattern", "check_radius", "covering_radius", "pooled_grid"]
@@ -40,8 +47,10 @@ __all__ = ["CircularWindow", "circular_pattern", "clear_pattern", "check_radius"
 class CircularWindow:
     """Grid pattern: query ``p`` sees key ``k`` iff ``sum_a (p_a - k_a)**2 < radius**2`` (row-major grid)."""
 
-    #: a grid pattern with a predicate only: no box, block or partition structure
-    capabilities = frozenset()
+    #: its kernel view is a box (the bounding square) refined by the circle (:attr:`grid_pattern`)
+    capabilities = frozenset({"box", "refined"})
+    #: the predicate depends on the offset ``k - q`` only (kernels may share one tile mask among translates)
+    translation_invariant = True
 
     def __init__(self, grid: Sequence[int], radius: float):
         grid = tuple(grid)
@@ -54,8 +63,23 @@ class CircularWindow:
         self._r2 = float(radius) ** 2
 
     @property
-    def grid_pattern(self) -> "CircularWindow":
-        return self
+    def reach(self) -> int:
+        """The largest per-axis offset inside the circle: ``ceil(r) - 1`` (``m**2 < r**2``)."""
+        return math.ceil(self.radius) - 1
+
+    @property
+    def grid_pattern(self) -> BoxPattern:
+        """The kernel view: the circle's bounding box per axis, truncated at the borders (no inward shift),
+        refined by the circle itself (built once)."""
+        box = getattr(self, "_box", None)
+        if box is None:
+            m = self.reach
+            axes = []
+            for L in self.grid:
+                pos = torch.arange(L)
+                axes.append(AxisWindows(pos, (pos - m).clamp(min=0), (pos + m + 1).clamp(max=L)))
+            box = self._box = BoxPattern(self.grid, axes, refine=self)
+        return box
 
     @property
     def num_tokens(self) -> int:

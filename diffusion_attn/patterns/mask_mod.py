@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 #: Every capability name a pattern may report (see the module docstring).
-CAPABILITIES = frozenset({"box", "block", "partition", "mask_mod", "head_dependent", "batch_dependent", "dynamic"})
+CAPABILITIES = frozenset({"box", "block", "partition", "refined", "mask_mod", "head_dependent", "batch_dependent", "dynamic"})
 #: Capabilities that travel through composition (a property of any part is a property of the whole).
 _INHERITED = frozenset({"head_dependent", "batch_dependent", "dynamic"})
 
@@ -353,7 +353,7 @@ class _TextDense(_Combine):
     @property
     def capabilities(self) -> frozenset:
         grid_caps = frozenset(getattr(self.grid_pattern, "capabilities", frozenset()))
-        kernel_caps = grid_caps & {"box", "block", "partition"}  # the grid kernels may run it ...
+        kernel_caps = grid_caps & {"box", "block", "partition", "refined"}  # the grid kernels may run it ...
         if self.layout is not None and self.layout.extra:
             kernel_caps = frozenset()  # ... unless extra segments make q / k more than grid + text
         return frozenset({"mask_mod"}) | kernel_caps | (grid_caps & _INHERITED)

@@ -114,10 +114,13 @@ class CLEARConfig(MethodConfig):
                                          help="high-res: logit scale sqrt(log(N, 64^2+512)/d) (down-sampled: log(10N, ...))")
     ntk_factor: float = param(1.0, role="pattern", range=(1.0, None),
                               help="high-res: NTK-scaled RoPE, base theta * ntk_factor (Flux; official high-res: 10)")
-    backend: str = backend_field(choices=("auto", "reference", "flex", "chunked"),
-                                 help="kernel: auto, reference (dense mask), flex (compiled FlexAttention), chunked (mask by query chunks)")
+    backend: str = backend_field(choices=("auto", "sliding", "strips", "gather", "reference", "flex", "chunked"),
+                                 help="kernel: auto (on CPU: sliding), sliding / strips / gather (the disc's bounding box "
+                                      "with the disc as a tile mask), reference (dense mask), flex (compiled FlexAttention), "
+                                      "chunked (mask by query chunks)")
 
-    capabilities = frozenset({"mask_mod"})
+    #: the disc is a box (its bounding square, truncated at borders) refined by the disc predicate
+    capabilities = frozenset({"box", "refined"})
 
     def check(self) -> None:
         super().check()
