@@ -84,12 +84,6 @@ def _size(value, name) -> tuple[int, int]:
     return h, w
 
 
-def _pixels_per_token(pipe, transformer) -> int:
-    patch = transformer.config.patch_size
-    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
-    return int(getattr(pipe, "vae_scale_factor_spatial", 8)) * int(patch)
-
-
 def freeswim_generate(
     pipe,
     prompt,
@@ -127,7 +121,7 @@ def freeswim_generate(
     refinement pipeline and removed again, exactly, so that every check of ``apply`` runs first).
     """
     from ..api import apply
-    from ..processors.freeswim import FreeSwimConfig
+    from ..processors.freeswim import FreeSwimConfig, pixels_per_token
 
     if native_size is None:
         from ..registry import get_method
@@ -139,7 +133,7 @@ def freeswim_generate(
         raise ValueError("this Wan 2.2 pipeline has two experts (transformer, transformer_2) but the stock "
                          "video-to-video pipeline takes one: pass transformer=pipe.transformer or pipe.transformer_2")
     model = transformer if transformer is not None else pipe.transformer
-    factor = _pixels_per_token(pipe, model)
+    factor = pixels_per_token(model, pipe)
     for name, (h, w) in (("native_size", native), ("target_size", target)):
         if h % factor or w % factor or h <= 0 or w <= 0:
             raise ValueError(f"{name} {h} x {w} px: height and width must be positive multiples of {factor} px "

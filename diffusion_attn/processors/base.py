@@ -146,13 +146,20 @@ class PatternProcessor:
         rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
         return self.family.run(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, temb)
 
-    def dense(self, q, k, v, attention_mask):
+    def dense(self, q, k, v, attention_mask, scale: float | None = None):
+        """The model's own attention (``dispatch_attention_fn``); ``scale`` None: ``1/sqrt(head_dim)``."""
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         return dispatch_attention_fn(
             q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self.dispatch_parallel_config,
+            backend=self._attention_backend, parallel_config=self.dispatch_parallel_config, scale=scale,
         )
+
+    def scale(self, head_dim: int) -> float | None:
+        """The softmax scale of the method's own attention (:meth:`pattern_core`, also where its pattern is
+        full; :meth:`pattern_core_lse`); None: ``1/sqrt(head_dim)``. Where the placement keeps the stock
+        attention (:meth:`dense` from :meth:`local_core`) it does not apply."""
+        return None
 
     @property
     def dispatch_parallel_config(self):
@@ -274,13 +281,14 @@ class PatternProcessor:
         key = self.pattern_key(layout) if dynamic is None else None
         pattern = self.current_pattern(layout) if dynamic is None else dynamic
         pattern, key = self._sharded(pattern, key)
+        scale = self.scale(q.shape[-1])
         if pattern is None or pattern.is_full():
-            return self.dense(q, k, v, attention_mask)
+            return self.dense(q, k, v, attention_mask, scale=scale)
         kpm = key_padding_from_mask(attention_mask, q.shape[0], q.shape[1])
         if dynamic is not None:  # chosen from this call's q and k: nothing to cache
-            return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=self.backend)
+            return pattern_attention(q, k, v, pattern, layout, key_padding_mask=kpm, backend=self.backend, scale=scale)
         return prepared_attention(q, k, v, pattern, layout, cached=self.context.cached, key=key,
-                                  key_padding_mask=kpm, backend=self.backend)
+                                  key_padding_mask=kpm, backend=self.backend, scale=scale)
 
     def _sharded(self, pattern, key):
         """A head-dependent pattern on a Ulysses rank reads global head indices (its cache key says so)."""
@@ -312,7 +320,7 @@ class PatternProcessor:
         if kpm is not None:
             kpm = kpm[:, None, None, :]
             mask = kpm if mask is None else mask & kpm
-        return attention_with_lse(q, k, v, mask)
+        return attention_with_lse(q, k, v, mask, scale=self.scale(q.shape[-1]))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer_index}, dense_layers={self.dense_layers}, dense_steps={self.dense_steps})"

@@ -85,9 +85,16 @@ _CROSS_KEY = "freeswim.cross"
 # ------------------------------------------------------------------------------------------------------
 # the pieces: native grid, window, scale
 # ------------------------------------------------------------------------------------------------------
-def native_token_grid(native_height: int, native_width: int, pixels_per_token: int = PIXELS_PER_TOKEN):
-    """The native per-frame token grid ``(h, w)`` of a ``native_height x native_width`` video."""
-    return int(native_height) // pixels_per_token, int(native_width) // pixels_per_token
+def native_token_grid(native_height: int, native_width: int, pixels_per_token: int = PIXELS_PER_TOKEN, *,
+                      where: str = ""):
+    """The native per-frame token grid ``(h, w)`` of a ``native_height x native_width`` video; a ValueError
+    when it has fewer than 2 tokens (the scale ``log(2n, n)`` needs them); ``where`` is added after "tokens" in
+    the message."""
+    grid = int(native_height) // pixels_per_token, int(native_width) // pixels_per_token
+    if grid[0] * grid[1] < 2:
+        raise ValueError(f"native size {native_height} x {native_width} px is {grid[0]} x {grid[1]} tokens"
+                         f"{where} ({pixels_per_token} px per token); accepted: at least 2 tokens per frame")
+    return grid
 
 
 def freeswim_half_window(native_grid) -> tuple[int, int]:
@@ -149,10 +156,7 @@ class FreeSwimConfig(MethodConfig):
     def check(self) -> None:
         super().check()
         if self.native_height is not None and self.native_width is not None:
-            grid = native_token_grid(self.native_height, self.native_width)
-            if grid[0] * grid[1] < 2:
-                raise ValueError(f"native size {self.native_height} x {self.native_width} px is {grid[0]} x {grid[1]} "
-                                 f"tokens ({PIXELS_PER_TOKEN} px per token); accepted: at least 2 tokens per frame")
+            native_token_grid(self.native_height, self.native_width)  # at Wan's 16 px per token
         if self.mode != "cache":
             given = [n for n, v in (("cache_steps", self.cache_steps), ("offload_cache", self.offload_cache)) if v]
             if given:
@@ -205,6 +209,7 @@ class FreeSwimProcessor(PatternProcessor):
         return super().pattern_key(layout) + (("pixels_per_token", self.pixels_per_token),)
 
     def scale(self, head_dim: int) -> float | None:
+        """Both branches' scale: the official ``sqrt(log(2n, n) / d)`` of the native grid, or None (default)."""
         if self.config.attention_scale == "default":
             return None
         return freeswim_attention_scale(self.native_grid, head_dim)
@@ -217,28 +222,10 @@ class FreeSwimProcessor(PatternProcessor):
     def branch_core(self, name: str):
         return self.full_core if name == "full" else self._extended_core
 
-    def _scaled_dense(self, q, k, v, attention_mask):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                     backend=self._attention_backend, parallel_config=self.dispatch_parallel_config,
-                                     scale=self.scale(q.shape[-1]))
-
     def full_core(self, q, k, v, layout: TokenLayout, attention_mask=None) -> torch.Tensor:
-        """The full branch: dense attention with the FreeSwim scale."""
-        return self._scaled_dense(q, k, v, attention_mask)
-
-    def pattern_core(self, q, k, v, layout: TokenLayout, attention_mask=None) -> torch.Tensor:
-        """The window branch: the inward window with the FreeSwim scale, through the kernels."""
-        pattern = self.current_pattern(layout)
-        if pattern is None or pattern.is_full():
-            return self._scaled_dense(q, k, v, attention_mask)
-        from ..kernels import prepared_attention
-        from .base import key_padding_from_mask
-
-        kpm = key_padding_from_mask(attention_mask, q.shape[0], q.shape[1])
-        return prepared_attention(q, k, v, pattern, layout, cached=self.context.cached, key=self.pattern_key(layout),
-                                  key_padding_mask=kpm, backend=self.backend, scale=self.scale(q.shape[-1]))
+        """The full branch: dense attention with the FreeSwim scale (the window branch is the base
+        ``pattern_core``, which takes :meth:`scale` too)."""
+        return self.dense(q, k, v, attention_mask, scale=self.scale(q.shape[-1]))
 
 
 class FreeSwimCrossProcessor(PatternProcessor):
@@ -285,11 +272,12 @@ class FreeSwimCrossProcessor(PatternProcessor):
 # ------------------------------------------------------------------------------------------------------
 # install
 # ------------------------------------------------------------------------------------------------------
-def _pixels_per_token(model, context) -> int:
-    """VAE spatial factor (the pipeline's, else Wan's 8) x the model's spatial patch."""
+def pixels_per_token(model, pipeline=None) -> int:
+    """Pixels per token side: the VAE spatial factor (``pipeline``'s, else Wan's 8) x the model's spatial
+    patch."""
     from ..adapters.variants import VARIANTS
 
-    vae = getattr(getattr(context, "pipeline", None), "vae_scale_factor_spatial", None) or VARIANTS["wan"].vae[1]
+    vae = getattr(pipeline, "vae_scale_factor_spatial", None) or VARIANTS["wan"].vae[1]
     patch = model.config.patch_size
     patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
     return int(vae) * int(patch)
@@ -298,11 +286,8 @@ def _pixels_per_token(model, context) -> int:
 def _install(model, family, context, config: FreeSwimConfig):
     from ..adapters.wan import cross_layers
 
-    factor = _pixels_per_token(model, context)
-    grid = native_token_grid(config.native_height, config.native_width, factor)
-    if grid[0] * grid[1] < 2:
-        raise ValueError(f"native size {config.native_height} x {config.native_width} px is {grid[0]} x {grid[1]} tokens "
-                         f"for this model ({factor} px per token); accepted: at least 2 tokens per frame")
+    factor = pixels_per_token(model, getattr(context, "pipeline", None))
+    native_token_grid(config.native_height, config.native_width, factor, where=" for this model")
     if not all(getattr(b, "attn2", None) is not None for b in model.blocks):
         raise ValueError("FreeSwim needs the cross-attention (attn2) of every Wan block")
 
