@@ -39,12 +39,10 @@ import torch
 
 from ..layout import TokenLayout
 from ..patterns.base import BlockPattern, BoxPattern
+from ..patterns.mask_mod import CAPABILITIES  # the one list of capability names (re-exported)
 
 __all__ = ["CAPABILITIES", "capabilities_of", "grid_pattern_of", "is_full_on", "resolve_dynamic",
            "sequence_dense_mask", "sequence_mask_mod", "window_plan_of"]
-
-CAPABILITIES = frozenset({"box", "block", "partition", "refined", "mask_mod", "head_dependent", "batch_dependent",
-                          "dynamic"})
 
 #: pattern object -> its window plan (or None): the partition test runs once per pattern object
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -69,6 +69,12 @@ class PairCounts:
     def visited_density(self) -> float:
         return self.visited_pairs / float(self.num_queries) ** 2
 
+    def predicted_speedup(self, text_len: int = 0) -> float:
+        """Tile-level upper bound on the speedup over dense attention: S^2 over the pairs computed (grid pairs
+        of the plan; text queries see every key and grid queries every text key)."""
+        n, t = self.num_queries, text_len
+        return (n + t) ** 2 / float(self.visited_pairs + n * t + t * (n + t))
+
 
 def mask_fn_on(fn, device):
     """A tile-mask function ``fn(i0, i1)`` whose masks land on ``device`` (None stays None)."""

@@ -66,7 +66,7 @@ from .capabilities import grid_pattern_of
 from .gather import grid_backend_run
 from .reference import SMALL_SEQUENCE
 from .schedule import PairCounts, outer_combine
-from .strips import _extra_keys_lse, attention_lse
+from .strips import attention_lse, merge_extra_keys
 
 __all__ = ["BACKEND", "Piece", "SlidingPlan", "axis_pieces", "modelled_efficiency", "sdpa_efficiency",
            "sliding_attention", "sliding_plan"]
@@ -205,11 +205,6 @@ class SlidingPlan(PairCounts):
     visited_pairs: int
     refine: object = None  # a refined box's predicate fn(qi, ki) over flattened grid indices, ANDed per piece
     refine_shared: bool = False  # the refinement is translation-invariant: one mask per piece and column group
-
-    def predicted_speedup(self, text_len: int = 0) -> float:
-        """Tile-level upper bound on the speedup over dense attention: S^2 over the pairs computed."""
-        n, t = self.num_queries, text_len
-        return (n + t) ** 2 / float(self.visited_pairs + n * t + t * (n + t))
 
     def to(self, device) -> "SlidingPlan":
         cols = [ColumnGroup(c.qcols.to(device), c.kcols.to(device), None if c.mask is None else c.mask.to(device))
@@ -496,11 +491,7 @@ def sliding_attention(
                               slide_masks, col_mask, masks, out[:, :, hs], lse_h, scale)
     if not need_lse:
         return out
-    out_x, lse_x = _extra_keys_lse(q, extra_k, extra_v, extra_valid, scale)
-    total = torch.logaddexp(lse_grid, lse_x)
-    w_grid = torch.exp(lse_grid - total).transpose(1, 2)[..., None]  # (B, N, H, 1)
-    w_x = torch.exp(lse_x - total).transpose(1, 2)[..., None]
-    return (out.float() * w_grid + out_x.float() * w_x).to(out.dtype)
+    return merge_extra_keys(q, out, lse_grid, extra_k, extra_v, extra_valid, scale)
 
 
 def _column_chunk(q, k, v, plan, cols, c0, c1, ws, slide_masks, col_mask, masks, out, lse_out, scale):
@@ -588,8 +579,7 @@ def _refined_mask(refine, qi, ki, shared, B, dtype):
     if shared is not None:
         ok = ok & (shared[0] == 0)
     c, tq, tk = ok.shape
-    mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, float("-inf"))
-    mask = mask[None].expand(B, c, tq, tk).reshape(B * c, 1, tq, tk)
+    mask = _additive(ok, dtype)[None].expand(B, c, tq, tk).reshape(B * c, 1, tq, tk)
     empty = ~ok.any(-1)
     if not bool(empty.any()):
         return mask, None

@@ -72,12 +72,6 @@ class StripPlan(PairCounts):
     visited_pairs: int
     refine: object = None  # a refined box's predicate fn(qi, ki) over flattened grid indices, ANDed per tile
 
-    def predicted_speedup(self, text_len: int = 0) -> float:
-        """Upper bound on the speedup over dense attention: S^2 over the pairs computed (grid pairs of the
-        plan; text queries see every key and grid queries every text key)."""
-        n, t = self.num_queries, text_len
-        return (n + t) ** 2 / float(self.visited_pairs + n * t + t * (n + t))
-
     def to(self, device) -> "StripPlan":
         cols = [StripColumns(c.qcols.to(device), c.kcols.to(device), mask_fn_on(c.mask_fn, device)) for c in self.columns]
         return StripPlan(self.axis, self.slide_offsets.to(device), self.slide_tiles, cols, self.tiles,
@@ -242,7 +236,8 @@ def strip_attention(
                 mask = base = None
                 if colmask is not None:
                     base = colmask[:, None, :, None, :].expand(c, t, tq_o, box, K).reshape(c, tq, tk)
-                    mask = base[None].expand(B, c, tq, tk).reshape(B * c, 1, tq, tk)
+                    if plan.refine is None:  # a refined box builds its mask per tile below
+                        mask = base[None].expand(B, c, tq, tk).reshape(B * c, 1, tq, tk)
                 qslide = offsets[st.qpos]  # (n, t)
                 for j in range(st.qpos.shape[0]):
                     qidx = (qslide[j][None, :, None] + cols.qcols[c0:c1, None, :]).reshape(c, tq)
@@ -262,6 +257,12 @@ def strip_attention(
             del kc, vc, kk, vv, colmask, mask  # free this chunk before gathering the next
     if not need_lse:
         return out
+    return merge_extra_keys(q, out, lse_grid, extra_k, extra_v, extra_valid, scale)
+
+
+def merge_extra_keys(q, out, lse_grid, extra_k, extra_v, extra_valid, scale):
+    """The grid part ``out`` (B, N, H, Dv) with its ``lse_grid`` (B, H, N), merged by log-sum-exp with the
+    grid queries' attention to the extra dense keys (text): one softmax over both."""
     out_x, lse_x = _extra_keys_lse(q, extra_k, extra_v, extra_valid, scale)
     total = torch.logaddexp(lse_grid, lse_x)
     w_grid = torch.exp(lse_grid - total).transpose(1, 2)[..., None]  # (B, N, H, 1)
