@@ -297,6 +297,11 @@ def parallel_core(proc, q, k, v, layout, attention_mask=None) -> torch.Tensor:
                                f"(+ text); the model's context-parallel plan must split every stream (grid, text)")
         return TokenLayout(layout.grid, text, layout.text_position)
 
+    def order_on(glayout, device):
+        """The gathered order of ``glayout`` (cached per layout and device in the run context)."""
+        return proc.context.cached(("cp-order", glayout, world, str(device)),
+                                   lambda: gathered_order(glayout, world).to(device))
+
     def canonical_mask(glayout, order):
         if kpm is None:
             return None
@@ -313,7 +318,7 @@ def parallel_core(proc, q, k, v, layout, attention_mask=None) -> torch.Tensor:
         if return_lse:
             raise NotImplementedError("diffusion_attn's Ulysses op does not return the log-sum-exp")
         glayout = global_layout(query.shape[1])
-        order = proc.context.cached(("cp-order", glayout, world), lambda: gathered_order(glayout, world)).to(query.device)
+        order = order_on(glayout, query.device)
         h_local = query.shape[2]
         rank = cp._ulysses_local_rank
         shard = Shard("ulysses", rank, world, rank * (-(-heads // world)), heads)
@@ -330,7 +335,7 @@ def parallel_core(proc, q, k, v, layout, attention_mask=None) -> torch.Tensor:
     def ring_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                 enable_gqa=False, return_lse=True, _save_ctx=True, _parallel_config=None):
         glayout = global_layout(s_global)
-        order = proc.context.cached(("cp-order", glayout, world), lambda: gathered_order(glayout, world)).to(query.device)
+        order = order_on(glayout, query.device)
         rank = cp._ring_local_rank
         chunk = (rank + state["step"]) % world  # diffusers' ring visits the key chunks from its own rank on
         state["step"] += 1
@@ -338,7 +343,9 @@ def parallel_core(proc, q, k, v, layout, attention_mask=None) -> torch.Tensor:
         kpos = order[chunk * s_local:(chunk + 1) * s_local]
         shard = Shard("ring", rank, world, 0, heads)
         mask = _ring_mask(proc, shard, glayout, qpos, kpos, query)
-        cmask = canonical_mask(glayout, order)
+        if "cmask" not in state:  # the same for every ring step of this call
+            state["cmask"] = canonical_mask(glayout, order)
+        cmask = state["cmask"]
         if cmask is not None:
             keep = cmask[:, kpos][:, None, None, :]
             mask = keep if mask is None else mask & keep

@@ -90,7 +90,7 @@ def _cp_hooks(model, cp) -> None:
     whole-sequence text-padding mask ``(B, 1, 1, video + text)`` to this rank's ``[video_r, text_r]``
     keys (``tensor_split`` chunks, as diffusers' sharders cut)."""
     import torch.distributed as dist
-    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks import ModelHook
     from diffusers.models._modeling_parallel import gather_size_by_comm
 
     mesh = cp._flattened_mesh
@@ -124,8 +124,11 @@ def _cp_hooks(model, cp) -> None:
                 kwargs["attention_mask"] = mask
             return tuple(args), kwargs
 
+    from ..patches.hooks import clear_child_registry_caches, register_hook
+
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(_TextMaskShard(), CP_MASK_HOOK)
+        register_hook(block, _TextMaskShard(), CP_MASK_HOOK)
+    clear_child_registry_caches(model)
 
 
 HUNYUAN = Family("hunyuanvideo", ("HunyuanVideoTransformer3DModel",), _read_call, _layers, _run,

@@ -137,8 +137,9 @@ def unavailable_methods() -> dict[str, str]:
     """The registered methods without a ComfyUI node, with the reason."""
     from ..registry import methods
 
+    have = comfy_methods()
     return {name: SUPPORT.get(name, ComfySupport()).unavailable or "it has no attention pattern for the ComfyUI runtime"
-            for name in methods() if name not in comfy_methods()}
+            for name in methods() if name not in have}
 
 
 # ------------------------------------------------------------------------------------------------------
